@@ -1,0 +1,277 @@
+"""Dynamic micro-batching: concurrent requests become one vectorized ONNX Runtime call.
+
+One consumer task owns two FIFO deques (interactive single-image work first, then bulk chunks) and one
+inference thread. It waits for the first item without polling, takes everything queued up to
+``max_batch_size`` images (no idle delay: an item arriving at an idle service runs at once), runs the
+batch off the event loop, and fans results back out through each item's Future. Items whose caller has
+gone (cancelled Future) or whose deadline passed are dropped before compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import DeadlineExceeded, Draining, EngineError, Overloaded
+from service.metrics import Metrics
+from service.model import Model
+
+log = logging.getLogger("service.batcher")
+
+#: Called in the inference thread after each successful batch with (model, inputs, probabilities).
+BatchObserver = Callable[[Model, np.ndarray, np.ndarray], None]
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What one caller gets back: its rows of the output and where the time went."""
+
+    probabilities: np.ndarray
+    model: Model
+    queue_s: float
+    inference_s: float
+    batch_images: int
+
+
+@dataclass(slots=True, eq=False)
+class _Item:
+    images: np.ndarray
+    model: Model
+    future: asyncio.Future[BatchResult]
+    enqueued: float
+    bulk: bool
+    timer: asyncio.TimerHandle | None = field(default=None)
+
+
+class Batcher:
+    def __init__(
+        self,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue_images: int,
+        request_timeout_s: float,
+        metrics: Metrics,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue_images = max_queue_images
+        self.request_timeout_s = request_timeout_s
+        self._metrics = metrics
+        self._observer = observer
+        self._queues: tuple[deque[_Item], deque[_Item]] = (deque(), deque())  # interactive, bulk
+        self._queued = [0, 0]
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._task: asyncio.Task[None] | None = None
+        self._busy = False
+        self._accepting = True
+        # Measured engine cost (exponentially weighted), for Retry-After and deadline-aware admission.
+        self._sec_per_image = 2e-5
+        self._last_batch_s = 0.0
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new work, let queued and running batches finish. True if all finished in time."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout_s
+        while (self._queued[0] or self._queued[1] or self._busy) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return not (self._queued[0] or self._queued[1] or self._busy)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for q in self._queues:
+            while q:
+                item = q.popleft()
+                if not item.future.done():
+                    item.future.set_exception(Draining())
+        self._executor.shutdown(wait=True)
+
+    # ----------------------------------------------------------------- admission
+    @property
+    def queued_images(self) -> int:
+        return self._queued[0] + self._queued[1]
+
+    def estimate_wait_s(self, images: int, *, bulk: bool) -> float:
+        """Expected time until ``images`` more images would be done, from the measured batch cost."""
+        ahead = self._queued[0] + (self._queued[1] if bulk else 0) + images
+        return ahead * self._sec_per_image + (self._last_batch_s if self._busy else 0.0)
+
+    def _admit(self, n: int, bulk: bool, budget_s: float | None) -> None:
+        if not self._accepting:
+            self._metrics.dropped["draining"].inc()
+            raise Draining()
+        q = 1 if bulk else 0
+        if self._queued[q] + n > self.max_queue_images:
+            self._metrics.dropped["queue_full"].inc()
+            raise Overloaded(
+                f"the queue is full ({self._queued[q]} images waiting); retry later",
+                retry_after_s=self.estimate_wait_s(0, bulk=bulk),
+                code="queue_full",
+            )
+        if budget_s is not None:
+            wait = self.estimate_wait_s(n, bulk=bulk)
+            if wait > budget_s:
+                self._metrics.dropped["deadline_unmeetable"].inc()
+                raise Overloaded(
+                    f"cannot finish within the stated deadline ({budget_s * 1000:.0f} ms): "
+                    f"about {wait * 1000:.0f} ms of work is queued",
+                    retry_after_s=wait,
+                    code="deadline_unmeetable",
+                )
+
+    # ----------------------------------------------------------------- submit
+    async def submit(
+        self, model: Model, images: np.ndarray, *, bulk: bool = False, budget_s: float | None = None
+    ) -> BatchResult:
+        """Queue ``images`` (float32, (n, features), n <= max_batch_size) and wait for their outputs."""
+        n = images.shape[0]
+        self._admit(n, bulk, budget_s)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[BatchResult] = loop.create_future()
+        timeout = self.request_timeout_s if budget_s is None else min(budget_s, self.request_timeout_s)
+        item = _Item(images, model, fut, time.perf_counter(), bulk)
+        item.timer = loop.call_later(timeout, self._expire, item)
+        self._queues[1 if bulk else 0].append(item)
+        self._queued[1 if bulk else 0] += n
+        self._metrics.queue_depth[1 if bulk else 0].inc(n)
+        self._wakeup.set()
+        try:
+            return await fut
+        finally:
+            item.timer.cancel()
+            if fut.cancelled():  # the caller went away; the consumer drops the item unseen
+                self._metrics.dropped["cancelled"].inc()
+
+    async def submit_many(
+        self, model: Model, images: np.ndarray, *, budget_s: float | None = None
+    ) -> tuple[np.ndarray, float, float]:
+        """Bulk work: split into engine-sized chunks queued behind interactive work.
+
+        Returns (probabilities, total queue seconds, total inference seconds).
+        """
+        step = self.max_batch_size
+        self._admit(images.shape[0], True, budget_s)
+        tasks = [
+            asyncio.ensure_future(self.submit(model, images[i : i + step], bulk=True, budget_s=budget_s))
+            for i in range(0, images.shape[0], step)
+        ]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
+        probs = results[0].probabilities if len(results) == 1 else np.concatenate([r.probabilities for r in results])
+        return probs, max(r.queue_s for r in results), sum(r.inference_s for r in results)
+
+    def _expire(self, item: _Item) -> None:
+        if not item.future.done():
+            self._metrics.dropped["timeout"].inc()
+            item.future.set_exception(
+                DeadlineExceeded(f"the request waited longer than its deadline ({self.request_timeout_s:g} s)")
+            )
+
+    # ----------------------------------------------------------------- consumer
+    def _take(self) -> list[_Item]:
+        """Pop up to max_batch_size images of one model; skip items whose caller is gone."""
+        batch: list[_Item] = []
+        size = 0
+        model: Model | None = None
+        for qi, q in enumerate(self._queues):
+            while q:
+                item = q[0]
+                n = item.images.shape[0]
+                if item.future.done():  # cancelled by its caller or expired: drop before compute
+                    q.popleft()
+                    self._queued[qi] -= n
+                    self._metrics.queue_depth[qi].dec(n)
+                    continue
+                if (model is not None and item.model is not model) or (batch and size + n > self.max_batch_size):
+                    return batch
+                q.popleft()
+                self._queued[qi] -= n
+                self._metrics.queue_depth[qi].dec(n)
+                model = item.model
+                batch.append(item)
+                size += n
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not (self._queued[0] or self._queued[1]):
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self.max_wait_s > 0 and self.queued_images < self.max_batch_size:
+                await asyncio.sleep(self.max_wait_s)
+            batch = self._take()
+            if not batch:
+                continue
+            self._busy = True
+            try:
+                await self._run_batch(loop, batch)
+            except Exception:  # the loop survives everything; _run_batch already failed its callers
+                log.exception("unexpected error in the batch loop")
+            finally:
+                self._busy = False
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        model = batch[0].model
+        start = time.perf_counter()
+        try:
+            x = batch[0].images if len(batch) == 1 else np.concatenate([it.images for it in batch])
+            probs, seconds = await loop.run_in_executor(self._executor, self._infer, model, x)
+        except Exception as exc:
+            error_id = uuid.uuid4().hex[:12]
+            log.error(
+                "inference failed for a batch",
+                extra={"error_id": error_id, "batch_images": sum(i.images.shape[0] for i in batch)},
+                exc_info=exc,
+            )
+            self._metrics.dropped["engine_error"].inc(len(batch))
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(EngineError(error_id))
+            return
+        n = x.shape[0]
+        self._sec_per_image += 0.1 * (seconds / n - self._sec_per_image)
+        self._last_batch_s = seconds
+        m = self._metrics
+        m.observe_batch(model, n, seconds, [start - it.enqueued for it in batch])
+        row = 0
+        for it in batch:
+            k = it.images.shape[0]
+            if not it.future.done():
+                it.future.set_result(BatchResult(probs[row : row + k], model, start - it.enqueued, seconds, n))
+            row += k
+
+    def _infer(self, model: Model, x: np.ndarray) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        probs = model.run(x)
+        seconds = time.perf_counter() - t0
+        if self._observer is not None:
+            try:
+                self._observer(model, x, probs)
+            except Exception:
+                log.exception("batch observer failed")
+        return probs, seconds
