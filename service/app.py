@@ -53,7 +53,9 @@ class ServiceState:
             log.info("draining: readiness is now 503 and new work is refused")
 
 
-def error_json(status: int, code: str, message: str, request_id: str | None, headers: dict[str, str] | None = None):
+def error_json(
+    status: int, code: str, message: str, request_id: str | None, headers: dict[str, str] | None = None
+) -> Response:
     body = orjson.dumps({"error": {"code": code, "message": message, "request_id": request_id}})
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
@@ -170,9 +172,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_json(
-            exc.status_code, code, str(exc.detail), request_id_of(request.scope), dict(exc.headers or {})
-        )
+        return error_json(exc.status_code, code, str(exc.detail), request_id_of(request.scope), dict(exc.headers or {}))
 
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -240,7 +240,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
         version="1.0.0",
         description=(
             "Classifies 28x28 handwritten digits with an ONNX model. Concurrent requests are batched into "
-            "one ONNX Runtime call. Every error is `{\"error\": {\"code\", \"message\", \"request_id\"}}`."
+            'one ONNX Runtime call. Every error is `{"error": {"code", "message", "request_id"}}`.'
         ),
         lifespan=lifespan,
     )

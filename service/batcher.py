@@ -15,13 +15,14 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, Draining, EngineError, Overloaded
+from service.errors import DeadlineExceeded, Draining, EngineError, Overloaded, ServiceError
 from service.metrics import Metrics
 from service.model import Model
 
@@ -29,6 +30,15 @@ log = logging.getLogger("service.batcher")
 
 #: Called in the inference thread after each successful batch with (model, inputs, probabilities).
 BatchObserver = Callable[[Model, np.ndarray, np.ndarray], None]
+#: An ASGI ``receive``: once the body is read, it returns ``http.disconnect`` when the client goes away.
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+
+class ClientDisconnected(ServiceError):
+    """The caller went away while queued; its item was dropped unrun (nobody reads this response)."""
+
+    status_code = 499
+    code = "client_disconnected"
 
 
 @dataclass(slots=True)
@@ -89,7 +99,7 @@ class Batcher:
         """Refuse new work, let queued and running batches finish. True if all finished in time."""
         self._accepting = False
         deadline = time.monotonic() + timeout_s
-        while (self._queued[0] or self._queued[1] or self._busy) and time.monotonic() < deadline:
+        while (self._queued[0] or self._queued[1] or self._busy) and time.monotonic() < deadline:  # noqa: ASYNC110 (once, at shutdown)
             await asyncio.sleep(0.01)
         return not (self._queued[0] or self._queued[1] or self._busy)
 
@@ -141,9 +151,18 @@ class Batcher:
 
     # ----------------------------------------------------------------- submit
     async def submit(
-        self, model: Model, images: np.ndarray, *, bulk: bool = False, budget_s: float | None = None
+        self,
+        model: Model,
+        images: np.ndarray,
+        *,
+        bulk: bool = False,
+        budget_s: float | None = None,
+        receive: Receive | None = None,
     ) -> BatchResult:
-        """Queue ``images`` (float32, (n, features), n <= max_batch_size) and wait for their outputs."""
+        """Queue ``images`` (float32, (n, features), n <= max_batch_size) and wait for their outputs.
+
+        With ``receive``, a client that disconnects while its item waits has the item dropped unrun.
+        """
         n = images.shape[0]
         self._admit(n, bulk, budget_s)
         loop = asyncio.get_running_loop()
@@ -155,10 +174,20 @@ class Batcher:
         self._queued[1 if bulk else 0] += n
         self._metrics.queue_depth[1 if bulk else 0].inc(n)
         self._wakeup.set()
+        watcher: asyncio.Future[MutableMapping[str, Any]] | None = None
+        if receive is not None:
+            watcher = asyncio.ensure_future(receive())
+            watcher.add_done_callback(lambda w: _on_disconnect(w, fut))
         try:
             return await fut
+        except asyncio.CancelledError:
+            if watcher is not None and watcher.done() and not watcher.cancelled():
+                raise ClientDisconnected("the client disconnected while its request was queued") from None
+            raise
         finally:
             item.timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
             if fut.cancelled():  # the caller went away; the consumer drops the item unseen
                 self._metrics.dropped["cancelled"].inc()
 
@@ -181,7 +210,7 @@ class Batcher:
             for t in tasks:
                 t.cancel()
             raise
-        probs = results[0].probabilities if len(results) == 1 else np.concatenate([r.probabilities for r in results])
+        probs = np.concatenate([r.probabilities for r in results])
         return probs, max(r.queue_s for r in results), sum(r.inference_s for r in results)
 
     def _expire(self, item: _Item) -> None:
@@ -275,3 +304,10 @@ class Batcher:
             except Exception:
                 log.exception("batch observer failed")
         return probs, seconds
+
+
+def _on_disconnect(watcher: asyncio.Future[MutableMapping[str, Any]], fut: asyncio.Future[BatchResult]) -> None:
+    if watcher.cancelled() or watcher.exception() is not None:
+        return
+    if watcher.result().get("type") == "http.disconnect" and not fut.done():
+        fut.cancel()

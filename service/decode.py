@@ -41,8 +41,7 @@ def _check_range(x: np.ndarray, what: str) -> np.ndarray:
         raise InvalidInput(f"{what} contains NaN or infinity", code="not_finite")
     if x.size and (x.min() < 0.0 or x.max() > 1.0):
         raise InvalidInput(
-            f"{what} has values outside [0, 1] (min {x.min():g}, max {x.max():g}); "
-            "scale 0-255 pixels by 1/255",
+            f"{what} has values outside [0, 1] (min {x.min():g}, max {x.max():g}); scale 0-255 pixels by 1/255",
             code="out_of_range",
         )
     return x
@@ -170,4 +169,6 @@ def raw_images(body: bytes, features: int, max_images: int, scale: float) -> np.
 
 
 def unsupported(ct: str, allowed: tuple[str, ...]) -> UnsupportedMediaType:
-    return UnsupportedMediaType(f"content type {ct or '(none)'!r} is not supported here; use one of {', '.join(allowed)}")
+    return UnsupportedMediaType(
+        f"content type {ct or '(none)'!r} is not supported here; use one of {', '.join(allowed)}"
+    )

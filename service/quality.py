@@ -1,7 +1,22 @@
 """Production quality: prediction distribution, confidence, input drift and accuracy from feedback.
 
-``record_batch`` runs in the inference thread once per batch (vectorized); the Prometheus collector reads
-the state at scrape time, so drift scores are computed per scrape over a sliding window, not per request.
+``record_batch`` runs in the inference thread once per batch (vectorized: one mean, one argmax, one bincount
+per batch, never per image in Python); the Prometheus collector reads the state at scrape time, so the drift
+scores are computed once per scrape over a sliding window of the most recent images, not per request.
+
+Drift is the population stability index (PSI) of two features against the reference statistics that the
+exporter saved in the model metadata (``reference``):
+
+- ``mean_intensity``: the per-image mean pixel value, binned with the reference's edges, against the
+  training images' fractions. It catches inverted, faded, over-bright or noisy inputs, and wrong scaling
+  (0-255 sent as 0-1).
+- ``predicted_class``: the distribution of predicted classes against the model's predictions on the test set.
+  It catches what keeps the intensity but changes what the model sees (shifted, rotated, other glyphs).
+
+PSI = sum((a - e) * ln(a / e)); 0.1 is the usual "moderate" and 0.25 the usual "major shift" mark. A sample
+of N images from the reference distribution itself scores about (bins - 1) / N on average (a chi-square
+over N), so below ``MIN_DRIFT_SAMPLES`` images the score is NaN (unknown) rather than noise: with the
+20-bin intensity feature, 100 images of real MNIST test digits score 0.22 in the median, 500 score 0.04.
 """
 
 from __future__ import annotations
@@ -17,44 +32,58 @@ from prometheus_client.registry import Collector
 from service.metrics import NumpyHistogram
 from service.model import Model, Reference
 
-CONFIDENCE_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
-_EPS = 1e-4
-#: Fewer live images than this and the drift score stays 0 (too noisy to mean anything).
-MIN_DRIFT_SAMPLES = 100
+CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
+#: Floor for empty bins, so an empty bin adds a large but finite term instead of infinity.
+PSI_EPSILON = 1e-4
+#: Fewer live images than this (or than the window, if smaller) and the drift score is NaN.
+MIN_DRIFT_SAMPLES = 500
+DRIFT_FEATURES = ("mean_intensity", "predicted_class")
+FEEDBACK_OUTCOMES = ("correct", "incorrect", "duplicate", "unknown_request")
 
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
     """Population stability index between two distributions (fractions); 0.25+ is a major shift."""
-    e = np.clip(expected, _EPS, None)
-    a = np.clip(actual, _EPS, None)
+    e = np.clip(np.asarray(expected, dtype=np.float64), PSI_EPSILON, None)
+    a = np.clip(np.asarray(actual, dtype=np.float64), PSI_EPSILON, None)
     e, a = e / e.sum(), a / a.sum()
     return float(np.sum((a - e) * np.log(a / e)))
 
 
 class Quality(Collector):
+    """Quality state of one process, and the Prometheus collector that exports it."""
+
     def __init__(self, n_classes: int, window: int, feedback_window: int, remembered: int = 50_000) -> None:
         self._lock = threading.Lock()
         self.n_classes = n_classes
         self._class_counts = np.zeros(n_classes, dtype=np.int64)
         self._confidence = NumpyHistogram(CONFIDENCE_BUCKETS)
+        # Ring buffers of the last ``window`` images: mean intensity and predicted class.
         self._window = window
+        self._min_samples = min(MIN_DRIFT_SAMPLES, window)
         self._means = np.zeros(window, dtype=np.float32)
         self._classes = np.zeros(window, dtype=np.int64)
         self._filled = 0
         self._pos = 0
         self._reference: Reference | None = None
+        # Feedback: the outcomes of the last ``feedback_window`` labelled predictions.
         self._feedback: deque[bool] = deque(maxlen=feedback_window)
-        self._feedback_counts = {"correct": 0, "incorrect": 0, "unknown_request": 0}
+        self._feedback_counts = dict.fromkeys(FEEDBACK_OUTCOMES, 0)
+        # Touched only from the event loop (routes), so no lock: request id -> labels answered.
         self._predictions: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._scored: OrderedDict[tuple[str, int], bool] = OrderedDict()
         self._remembered = remembered
 
     def set_reference(self, reference: Reference | None) -> None:
+        """The training statistics to compare with; the window restarts (it held another model's inputs)."""
         with self._lock:
             self._reference = reference
+            self._filled = 0
+            self._pos = 0
 
     # ---------------------------------------------------------------- hot path (inference thread)
     def record_batch(self, model: Model, x: np.ndarray, probs: np.ndarray) -> None:
-        means = x.mean(axis=1)
+        """One engine call's inputs (N, features) in [0, 1] and outputs (N, classes)."""
+        means = x.mean(axis=1, dtype=np.float32)
         labels = probs.argmax(axis=1)
         self._confidence.observe_many(probs.max(axis=1))
         counts = np.bincount(labels, minlength=self.n_classes)[: self.n_classes]
@@ -67,7 +96,7 @@ class Quality(Collector):
             self._pos = (self._pos + n) % self._window
             self._filled = min(self._filled + n, self._window)
 
-    # ---------------------------------------------------------------- feedback
+    # ---------------------------------------------------------------- feedback (event loop)
     def remember(self, request_id: str, labels: np.ndarray) -> None:
         """Keep the labels we answered, so a later feedback call can be scored (bounded memory)."""
         preds = self._predictions
@@ -76,27 +105,43 @@ class Quality(Collector):
             preds.popitem(last=False)
 
     def feedback(self, request_id: str, true_label: int, index: int) -> bool | None:
-        """Score one labelled feedback. Returns whether the prediction was right, None if unknown."""
-        labels = self._predictions.get(request_id)
-        if labels is None or not 0 <= index < len(labels):
-            with self._lock:
-                self._feedback_counts["unknown_request"] += 1
-            return None
-        correct = int(labels[index]) == true_label
+        """Score one labelled feedback: whether the prediction was right, None if it is unknown.
+
+        A repeated feedback for the same (request, index), a client's retry, answers the first verdict
+        again and is counted as ``duplicate``, so retries do not weigh twice in the accuracy.
+        """
+        key = (request_id, index)
+        earlier = self._scored.get(key)
+        if earlier is not None:
+            outcome, correct = "duplicate", earlier
+        else:
+            labels = self._predictions.get(request_id)
+            if labels is None or not 0 <= index < len(labels):
+                with self._lock:
+                    self._feedback_counts["unknown_request"] += 1
+                return None
+            correct = int(labels[index]) == true_label
+            outcome = "correct" if correct else "incorrect"
+            self._scored[key] = correct
+            if len(self._scored) > self._remembered:
+                self._scored.popitem(last=False)
         with self._lock:
-            self._feedback.append(correct)
-            self._feedback_counts["correct" if correct else "incorrect"] += 1
+            if outcome != "duplicate":
+                self._feedback.append(correct)
+            self._feedback_counts[outcome] += 1
         return correct
 
     # ---------------------------------------------------------------- scrape
     def drift(self) -> dict[str, float]:
+        """PSI per feature over the window; NaN without a reference or with too few images."""
         with self._lock:
             ref, filled = self._reference, self._filled
             means, classes = self._means[:filled].copy(), self._classes[:filled].copy()
-        if ref is None or filled < MIN_DRIFT_SAMPLES:
-            return {"mean_intensity": 0.0, "predicted_class": 0.0}
+        if ref is None or filled < self._min_samples:
+            return dict.fromkeys(DRIFT_FEATURES, float("nan"))
         hist, _ = np.histogram(np.clip(means, 0.0, 1.0), bins=ref.mean_intensity_edges)
-        cls = np.bincount(classes, minlength=len(ref.class_fractions))[: len(ref.class_fractions)]
+        k = len(ref.class_fractions)
+        cls = np.bincount(classes, minlength=k)[:k]
         return {
             "mean_intensity": psi(ref.mean_intensity_fractions, hist / max(hist.sum(), 1)),
             "predicted_class": psi(ref.class_fractions, cls / max(cls.sum(), 1)),
@@ -105,7 +150,7 @@ class Quality(Collector):
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             counts = self._class_counts.copy()
-            fb = list(self._feedback)
+            fb = np.fromiter(self._feedback, dtype=bool, count=len(self._feedback))
             fb_counts = dict(self._feedback_counts)
             filled = self._filled
         preds = CounterMetricFamily("mnist_predictions", "Predictions by predicted class.", labels=["class"])
@@ -114,19 +159,21 @@ class Quality(Collector):
         yield preds
         yield self._confidence.family("mnist_prediction_confidence", "Top-class probability of each prediction.")
         drift = GaugeMetricFamily(
-            "mnist_drift_score", "Population stability index of live inputs vs training data.", labels=["feature"]
+            "mnist_drift_score",
+            "Population stability index of the recent inputs vs the training data, by feature (NaN = too few).",
+            labels=["feature"],
         )
         for feature, value in self.drift().items():
             drift.add_metric([feature], value)
         yield drift
         yield GaugeMetricFamily("mnist_drift_window_images", "Images in the drift window.", value=filled)
         feedback = CounterMetricFamily("mnist_feedback", "Labelled feedback received, by outcome.", labels=["outcome"])
-        for outcome, v in fb_counts.items():
-            feedback.add_metric([outcome], float(v))
+        for outcome, count in fb_counts.items():
+            feedback.add_metric([outcome], float(count))
         yield feedback
-        acc = GaugeMetricFamily(
-            "mnist_production_accuracy", "Accuracy over the most recent labelled feedback (NaN before any)."
+        yield GaugeMetricFamily(
+            "mnist_production_accuracy",
+            "Accuracy over the most recent labelled feedback (NaN before any).",
+            value=float(fb.mean()) if len(fb) else float("nan"),
         )
-        acc.add_metric([], float(np.mean(fb)) if fb else float("nan"))
-        yield acc
         yield GaugeMetricFamily("mnist_production_accuracy_samples", "Feedback samples in the accuracy.", value=len(fb))

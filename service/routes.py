@@ -107,7 +107,7 @@ _PREDICT_BODY = {
 @router.post(
     "/v1/predict",
     summary="Classify one digit",
-    description="JSON `{\"image\": [...]}` with pixels in [0, 1], or a 28x28 PNG (raw body or multipart `file`).",
+    description='JSON `{"image": [...]}` with pixels in [0, 1], or a 28x28 PNG (raw body or multipart `file`).',
     openapi_extra={"requestBody": _PREDICT_BODY},
     responses={200: {"model": Prediction}, **error_responses(400, 413, 415, 422, 500, 503, 504)},
 )
@@ -126,7 +126,7 @@ async def predict(request: Request) -> Response:
         if ct == decode.MULTIPART:
             body = await _multipart_file(request)
         x = decode.png_image(body, model.n_features, model.image_shape, settings.max_png_pixels, scale)
-    res = await svc.batcher.submit(model, x, budget_s=budget)
+    res = await svc.batcher.submit(model, x, budget_s=budget, receive=request.receive)
     probs = res.probabilities[0]
     label = int(probs.argmax())
     rid = request_id_of(request.scope) or ""
@@ -189,7 +189,7 @@ async def predict_batch(request: Request) -> Response:
     del body
     res: BatchResult | None = None
     if x.shape[0] <= svc.batcher.max_batch_size:
-        res = await svc.batcher.submit(model, x, bulk=True, budget_s=budget)
+        res = await svc.batcher.submit(model, x, bulk=True, budget_s=budget, receive=request.receive)
         probs, queue_s, inference_s = res.probabilities, res.queue_s, res.inference_s
     else:
         probs, queue_s, inference_s = await svc.batcher.submit_many(model, x, budget_s=budget)

@@ -65,7 +65,7 @@ class DrainingServer(uvicorn.Server):
         for server in self.servers:
             server.close()  # refuse new connections; open ones are answered, then closed
         deadline = time.monotonic() + self._drain_timeout_s
-        while self.server_state.connections and time.monotonic() < deadline:
+        while self.server_state.connections and time.monotonic() < deadline:  # noqa: ASYNC110 (uvicorn has no event for it)
             await asyncio.sleep(0.05)
         if self.server_state.connections:
             log.warning("drain timeout: closing the remaining connections",
@@ -91,7 +91,7 @@ def run(settings: Settings) -> int:
         log_config=None,
         access_log=False,
         timeout_keep_alive=5,
-        timeout_graceful_shutdown=max(settings.drain_timeout_s, 1.0),
+        timeout_graceful_shutdown=max(int(settings.drain_timeout_s), 1),
         server_header=False,
     )
     server = DrainingServer(config, app, settings.drain_timeout_s)

@@ -74,16 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
         default = field.get_default(call_default_factory=True)
         if field.annotation is bool:
             parser.add_argument(
-                _flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                _flag(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
                 default=None,
                 help=f"{field.description} (default: {default})",
             )
         elif name == "cors_origins":
-            parser.add_argument(_flag(name), dest=name, nargs="*", default=None, help=f"{field.description} (default: none)")
-        else:
             parser.add_argument(
-                _flag(name), dest=name, default=None, help=f"{field.description} (default: {default})"
+                _flag(name), dest=name, nargs="*", default=None, help=f"{field.description} (default: none)"
             )
+        else:
+            parser.add_argument(_flag(name), dest=name, default=None, help=f"{field.description} (default: {default})")
     return parser
 
 

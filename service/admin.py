@@ -1,0 +1,103 @@
+"""Admin endpoints: list, load (hot swap) and unload model versions without a restart.
+
+Protected by a bearer token (``MNIST_ADMIN_TOKEN``, compared in constant time). Without a token set the
+endpoints are off and answer 404 like any unknown path. A load reads the version folder beside the
+serving model, checks the contract and the golden set, warms it up, then swaps it in atomically; a
+broken version is refused (422, naming why) and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query
+from starlette.requests import Request
+
+from service.app import ServiceState, state_of
+from service.errors import ModelLoadError, NotFound, ServiceError, Unauthorized
+from service.schemas import error_responses
+
+log = logging.getLogger("service.admin")
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+_AUTH = {
+    "description": "Needs `Authorization: Bearer <MNIST_ADMIN_TOKEN>`; 404 when no admin token is configured.",
+    "responses": error_responses(401, 404),
+}
+
+
+class ModelRefused(ServiceError):
+    """A version failed its checks; nothing changed."""
+
+    status_code = 422
+    code = "model_refused"
+
+
+def authorized(request: Request) -> ServiceState:
+    svc = state_of(request)
+    token = svc.settings.admin_token
+    if not token:
+        raise NotFound("Not Found")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise Unauthorized("a valid admin bearer token is required",
+                           headers={"WWW-Authenticate": 'Bearer realm="admin"'})  # fmt: skip
+    return svc
+
+
+def _publish(svc: ServiceState) -> None:
+    """After a change of the loaded set: model info metrics and the drift reference follow the default."""
+    reg = svc.registry
+    svc.metrics.set_models(reg.models, reg.default)
+    svc.quality.set_reference(reg.default.reference)
+
+
+def _summary(svc: ServiceState) -> dict[str, Any]:
+    reg = svc.registry
+    return {
+        "name": reg.name,
+        "default_version": reg.default.version,
+        "loaded": [{"version": m.version, "sha256": m.sha256, "provider": m.provider} for m in reg.models],
+        "available_versions": reg.available_versions(),
+    }
+
+
+@router.get("/models", summary="Loaded and available model versions", **_AUTH)
+async def list_models(request: Request) -> dict[str, Any]:
+    return _summary(authorized(request))
+
+
+@router.post("/models/{name}/versions/{version}/load", summary="Load a version and (by default) swap to it", **_AUTH)
+async def load(
+    request: Request,
+    name: str,
+    version: str,
+    default: bool = Query(True, description="Serve it by default; false = load it for versioned calls only."),
+) -> dict[str, Any]:
+    svc = authorized(request)
+    previous = svc.registry.default.version
+    start = time.perf_counter()
+    try:
+        model = await svc.registry.load_version(version, make_default=default, name=name)
+    except ModelLoadError as exc:
+        reason = str(exc).replace(f"{svc.settings.model_repository}/", "")
+        log.warning("model version refused", extra={"version": version, "reason": reason})
+        raise ModelRefused(f"version {version} refused, still serving version {previous}: {reason}") from exc
+    _publish(svc)
+    seconds = time.perf_counter() - start
+    log.info("model version swapped in" if default else "model version loaded",
+             extra={"version": version, "previous": previous, "seconds": round(seconds, 3)})  # fmt: skip
+    return {"loaded": model.version, "sha256": model.sha256, "previous_default": previous,
+            "seconds": round(seconds, 3), **_summary(svc)}  # fmt: skip
+
+
+@router.post("/models/{name}/versions/{version}/unload", summary="Unload a version that is not the default",
+             **_AUTH)  # fmt: skip
+async def unload(request: Request, name: str, version: str) -> dict[str, Any]:
+    svc = authorized(request)
+    await svc.registry.unload_version(version, name=name)
+    _publish(svc)
+    return {"unloaded": version, **_summary(svc)}
