@@ -23,10 +23,7 @@ from service.schemas import error_responses
 log = logging.getLogger("service.admin")
 
 router = APIRouter(prefix="/admin", tags=["admin"])
-_AUTH = {
-    "description": "Needs `Authorization: Bearer <MNIST_ADMIN_TOKEN>`; 404 when no admin token is configured.",
-    "responses": error_responses(401, 404),
-}
+_AUTH_DOC = "Needs `Authorization: Bearer <MNIST_ADMIN_TOKEN>`; 404 when no admin token is configured."
 
 
 class ModelRefused(ServiceError):
@@ -65,12 +62,18 @@ def _summary(svc: ServiceState) -> dict[str, Any]:
     }
 
 
-@router.get("/models", summary="Loaded and available model versions", **_AUTH)
+@router.get("/models", summary="Loaded and available model versions", description=_AUTH_DOC,
+            responses=error_responses(401, 404))  # fmt: skip
 async def list_models(request: Request) -> dict[str, Any]:
     return _summary(authorized(request))
 
 
-@router.post("/models/{name}/versions/{version}/load", summary="Load a version and (by default) swap to it", **_AUTH)
+@router.post(
+    "/models/{name}/versions/{version}/load",
+    summary="Load a version, check it, warm it up and (by default) swap to it",
+    description=_AUTH_DOC,
+    responses=error_responses(401, 404, 422),
+)
 async def load(
     request: Request,
     name: str,
@@ -90,12 +93,16 @@ async def load(
     seconds = time.perf_counter() - start
     log.info("model version swapped in" if default else "model version loaded",
              extra={"version": version, "previous": previous, "seconds": round(seconds, 3)})  # fmt: skip
-    return {"loaded": model.version, "sha256": model.sha256, "previous_default": previous,
+    return {"version": model.version, "sha256": model.sha256, "previous_default": previous,
             "seconds": round(seconds, 3), **_summary(svc)}  # fmt: skip
 
 
-@router.post("/models/{name}/versions/{version}/unload", summary="Unload a version that is not the default",
-             **_AUTH)  # fmt: skip
+@router.post(
+    "/models/{name}/versions/{version}/unload",
+    summary="Unload a version that is not the default",
+    description=_AUTH_DOC,
+    responses=error_responses(401, 404, 409),
+)
 async def unload(request: Request, name: str, version: str) -> dict[str, Any]:
     svc = authorized(request)
     await svc.registry.unload_version(version, name=name)

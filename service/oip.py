@@ -368,14 +368,14 @@ def encode_outputs(req: InferRequest, model: Model, probs: np.ndarray, labels: n
 
 
 # ---------------------------------------------------------------------------------------------- inference
-async def _run(svc: ServiceState, model: Model, x: np.ndarray, budget: float | None) -> tuple[
+async def _run(svc: ServiceState, request: Request, model: Model, x: np.ndarray, budget: float | None) -> tuple[
     np.ndarray, BatchResult | None, float, float
 ]:  # fmt: skip
     """The same batcher calls as /v1: one image is interactive work, more is bulk, split when too big."""
     batcher = svc.batcher
     n = x.shape[0]
     if n <= batcher.max_batch_size:
-        res = await batcher.submit(model, x, bulk=n > 1, budget_s=budget)
+        res = await batcher.submit(model, x, bulk=n > 1, budget_s=budget, receive=request.receive)
         return res.probabilities, res, res.queue_s, res.inference_s
     probs, queue_s, inference_s = await batcher.submit_many(model, x, budget_s=budget)
     return probs, None, queue_s, inference_s
@@ -460,7 +460,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     model = svc.registry.get(name, version)
     req = parse_infer(body, request.headers.get(HEADER_LENGTH), model, settings.max_images_per_request)
     del body
-    probs, res, queue_s, inference_s = await _run(svc, model, req.images, budget)
+    probs, res, queue_s, inference_s = await _run(svc, request, model, req.images, budget)
     labels = probs.argmax(axis=1)
     svc.quality.remember(request_id_of(request.scope) or "", labels)
     content, header_length = encode_outputs(req, model, probs, labels)

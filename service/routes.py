@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from service import decode
 from service.app import ServiceState, error_json, request_id_of, state_of
-from service.batcher import BatchResult
+from service.batcher import BatchResult, ClientDisconnected
 from service.errors import Draining, InvalidInput, MalformedBody, NotFound, NotReady, PayloadTooLarge
 from service.model import Model
 from service.schemas import (
@@ -42,18 +42,30 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
             raise MalformedBody("invalid Content-Length header", code="invalid_content_length")
         if int(declared) > limit:
             raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise MalformedBody(f"the body did not arrive within {timeout_s:g} s", code="body_timeout") from None
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    receive = request.receive
+    message = await receive()  # usually the whole body is already buffered: no timer needed
+    body: bytes = message.get("body", b"")
+    if message.get("more_body", False):
+        chunks = [body]
+        size = len(body)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while message.get("more_body", False):
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientDisconnected("the client disconnected while sending its body")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise MalformedBody(f"the body did not arrive within {timeout_s:g} s", code="body_timeout") from None
+        body = b"".join(chunks)
+    elif message["type"] == "http.disconnect":
+        raise ClientDisconnected("the client disconnected while sending its body")
+    if len(body) > limit:
+        raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
     request._body = body  # lets request.form() reuse it for multipart
     return body
 

@@ -16,15 +16,18 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
+from starlette.types import ASGIApp
 
 from service import logs
 from service.app import ServiceState, create_app
 from service.errors import ModelLoadError
+from service.guards import HttpLimits, InflightLimit, guarded_protocol
 from service.registry import ModelRegistry
 from service.settings import Settings, settings_from_args
 
@@ -73,6 +76,41 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def _count_refusal(app: FastAPI) -> Callable[[], None]:
+    def count() -> None:
+        svc: ServiceState | None = getattr(app.state, "svc", None)
+        counter = svc.metrics.dropped.get("too_many_requests") if svc is not None else None
+        if counter is not None:
+            counter.inc()
+
+    return count
+
+
+def build_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
+    """uvicorn settings: uvloop + httptools with the guards of service/guards.py, and the in-flight limit."""
+    limits = HttpLimits(
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s + 1.0,  # a backstop: read_body answers 400 body_timeout first
+    )
+    asgi: ASGIApp = app
+    if settings.max_inflight_requests > 0:
+        asgi = InflightLimit(app, settings.max_inflight_requests, on_refuse=_count_refusal(app))
+    return uvicorn.Config(
+        asgi,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http=guarded_protocol(limits),
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_keep_alive=settings.timeout_keep_alive_s,
+        timeout_graceful_shutdown=max(int(settings.drain_timeout_s), 1),
+        server_header=False,
+    )
+
+
 def run(settings: Settings) -> int:
     try:
         registry = ModelRegistry.load(settings)
@@ -81,20 +119,7 @@ def run(settings: Settings) -> int:
         print(f"mnist-serve: error: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings, registry)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        timeout_keep_alive=5,
-        timeout_graceful_shutdown=max(int(settings.drain_timeout_s), 1),
-        server_header=False,
-    )
-    server = DrainingServer(config, app, settings.drain_timeout_s)
+    server = DrainingServer(build_config(settings, app), app, settings.drain_timeout_s)
     server.run()
     return 0 if server.started else 1
 

@@ -59,6 +59,19 @@ class Settings(BaseSettings):
     drift_window: int = Field(2000, ge=10, description="Recent images in the drift window.")
     dashboard_url: str = Field("http://127.0.0.1:3000", description="Grafana link shown on the demo page.")
 
+    # Connection-level limits (service/guards.py, service/server.py; docs/security.md)
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="Largest request line + headers (431 above).")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection must send complete request headers within this (408 after)."
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="A request body must fully arrive within this (400 body_timeout / closed)."
+    )
+    timeout_keep_alive_s: int = Field(5, ge=1, description="Idle keep-alive connections close after this.")
+    max_inflight_requests: int = Field(
+        256, ge=0, description="Inference requests processed at once; beyond it: 503 at once (0 = no limit)."
+    )
+
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
