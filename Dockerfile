@@ -15,6 +15,7 @@
 # Any Debian-based image with a python3 (3.11+) that has the venv module works:
 # python:3.11-slim-bookworm, or a local Debian image with python3.11 + python3-venv.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
+# checkov:skip=CKV_DOCKER_7: FROM ${BASE_IMAGE} is the pinned tag above; checkov does not expand the ARG
 
 # ---------------------------------------------------------------------------
 # deps: the third-party dependencies, from pyproject.toml only.
@@ -22,13 +23,14 @@ FROM ${BASE_IMAGE} AS deps
 ARG ORT_EXTRA=cpu
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
-    PIP_NO_INPUT=1
+    PIP_NO_INPUT=1 \
+    PIP_CACHE_DIR=/var/cache/mnist-pip
 WORKDIR /src
 COPY deploy/pyproject_requirements.py pyproject.toml ./
 # /opt/venv is what the image ships: the dependencies only, not even pip. The tools
 # (pip, setuptools) live in /opt/buildenv, which never reaches the final image.
 RUN --mount=type=secret,id=ca \
-    --mount=type=cache,id=mnist-pip-cache,target=/root/.cache/pip \
+    --mount=type=cache,id=mnist-pip-cache,target=/var/cache/mnist-pip \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
     && python3 pyproject_requirements.py pyproject.toml "${ORT_EXTRA}" > requirements.txt \
     && python3 -m venv /opt/buildenv \
@@ -58,9 +60,14 @@ RUN groupadd --system --gid "${APP_UID}" mnist \
 
 COPY --from=deps /opt/venv /opt/venv
 
+# ORT_DISABLE_TELEMETRY: onnxruntime >= 1.2x on Linux sends 1DS telemetry and tries to
+# persist a device id (which warns on a read-only filesystem); 1.32 honours this name,
+# some releases read ORT_TELEMETRY_DISABLED instead, so both are set.
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    ORT_DISABLE_TELEMETRY=1 \
+    ORT_TELEMETRY_DISABLED=1 \
     MNIST_HOST=0.0.0.0 \
     MNIST_PORT=8000 \
     MNIST_MODEL_REPOSITORY=/app/models

@@ -24,8 +24,6 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.errors import Overloaded
-
 log = logging.getLogger("service.guards")
 
 
@@ -154,45 +152,53 @@ def is_inference(scope: Scope) -> bool:
 
 
 class InflightLimit:
-    """Pure ASGI: at most ``limit`` inference requests are processed at once; beyond it, 503 at once.
+    """Pure ASGI, outermost: at most ``limit`` inference requests are processed at once; beyond it, 503 at once.
 
-    The gate closes once the request body has fully arrived (the app's ``receive`` returns the last body
-    chunk): a request still uploading holds no slot, so slow uploaders cannot take the service's capacity
-    (the body timeout bounds them), and a refusal costs no decoding. The refusal is raised as ``Overloaded``
-    from ``receive``, so the app answers it in its own error shape, counted in its metrics and access log.
-    Health, readiness, metrics and metadata are never limited: probes keep working under overload.
+    A request counts from the moment its body has fully arrived (the app's ``receive`` returns the last
+    chunk) until its response ends, so slow uploaders hold no slot (the body timeout bounds them). The
+    check happens when the request starts, before any routing or decoding, and the refusal is a prebuilt
+    response: under overload a refusal must cost far less than the work it sheds, or the refusals alone
+    fill the CPU (measured in docs/reliability.md). Health, readiness, metrics and metadata are never
+    limited, so probes keep working under overload.
     """
 
     def __init__(self, app: ASGIApp, limit: int, on_refuse: Callable[[], None] | None = None) -> None:
         self.app = app
         self.limit = limit
-        self.inflight = 0
+        self.processing = 0
         self.on_refuse = on_refuse
+        self._body = orjson.dumps(
+            {"error": {"code": "too_many_requests", "request_id": None,
+                       "message": f"{limit} inference requests are already in progress; retry later"}}
+        )  # fmt: skip
+        self._headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(self._body)).encode()),
+            (b"retry-after", b"1"),
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not is_inference(scope):
             await self.app(scope, receive, send)
             return
-        holding = False
+        if self.processing >= self.limit:
+            if self.on_refuse is not None:
+                self.on_refuse()
+            await send({"type": "http.response.start", "status": 503, "headers": self._headers})
+            await send({"type": "http.response.body", "body": self._body})
+            return
+        counted = False
 
-        async def gated_receive() -> Message:
-            nonlocal holding
+        async def counting_receive() -> Message:
+            nonlocal counted
             message = await receive()
-            if not holding and message["type"] == "http.request" and not message.get("more_body", False):
-                if self.inflight >= self.limit:
-                    if self.on_refuse is not None:
-                        self.on_refuse()
-                    raise Overloaded(
-                        f"{self.inflight} inference requests are in progress (the limit); retry later",
-                        retry_after_s=1.0,
-                        code="too_many_requests",
-                    )
-                self.inflight += 1
-                holding = True
+            if not counted and message["type"] == "http.request" and not message.get("more_body", False):
+                self.processing += 1
+                counted = True
             return message
 
         try:
-            await self.app(scope, gated_receive, send)
+            await self.app(scope, counting_receive, send)
         finally:
-            if holding:
-                self.inflight -= 1
+            if counted:
+                self.processing -= 1

@@ -21,6 +21,7 @@ from fastapi import APIRouter
 from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 
 from service import decode
 from service.app import ServiceState, request_id_of, state_of
@@ -113,25 +114,43 @@ async def server_ready(request: Request) -> Response:
     return _json({"ready": ready}, 200 if ready else 400)
 
 
-@router.get("/v2/models/{name}", summary="Model metadata")
-@router.get("/v2/models/{name}/versions/{version}", summary="Model metadata of one loaded version")
-async def metadata(request: Request, name: str, version: str | None = None) -> Response:
+_MODEL_ERRORS: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown model or version not loaded"}}
+_READY_ERRORS: dict[int | str, dict[str, Any]] = {**_MODEL_ERRORS, 400: {"description": "Not ready"}}
+
+
+def _metadata(request: Request, name: str, version: str | None) -> Response:
     reg = state_of(request).registry
     return _json(model_metadata(reg, reg.get(name, version)))
 
 
-@router.get("/v2/models/{name}/ready", summary="Model readiness")
-@router.get("/v2/models/{name}/versions/{version}/ready", summary="Readiness of one loaded version")
-async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+@router.get("/v2/models/{name}", summary="Model metadata", responses=_MODEL_ERRORS)
+async def metadata(request: Request, name: str) -> Response:
+    return _metadata(request, name, None)
+
+
+@router.get("/v2/models/{name}/versions/{version}", summary="Metadata of one loaded version", responses=_MODEL_ERRORS)
+async def version_metadata(request: Request, name: str, version: str) -> Response:
+    return _metadata(request, name, version)
+
+
+def _ready(request: Request, name: str, version: str | None) -> Response:
     svc = state_of(request)
     model = svc.registry.get(name, version)
     ready = svc.ready and model.warmed_up
     return _json({"name": svc.registry.name, "version": model.version, "ready": ready}, 200 if ready else 400)
 
 
-@router.get("/v2/models/{name}/config", summary="Model configuration (Triton extension)")
-@router.get("/v2/models/{name}/versions/{version}/config", summary="Model configuration of one version")
-async def model_config(request: Request, name: str, version: str | None = None) -> Response:
+@router.get("/v2/models/{name}/ready", summary="Model readiness", responses=_READY_ERRORS)
+async def model_ready(request: Request, name: str) -> Response:
+    return _ready(request, name, None)
+
+
+@router.get("/v2/models/{name}/versions/{version}/ready", summary="Version readiness", responses=_READY_ERRORS)
+async def version_ready(request: Request, name: str, version: str) -> Response:
+    return _ready(request, name, version)
+
+
+def _config(request: Request, name: str, version: str | None) -> Response:
     svc = state_of(request)
     model = svc.registry.get(name, version)
     s = svc.settings
@@ -153,6 +172,17 @@ async def model_config(request: Request, name: str, version: str | None = None) 
             "version_policy": {"specific": {"versions": [m.version for m in svc.registry.models]}},
         }
     )
+
+
+@router.get("/v2/models/{name}/config", summary="Model configuration (Triton extension)", responses=_MODEL_ERRORS)
+async def model_config(request: Request, name: str) -> Response:
+    return _config(request, name, None)
+
+
+@router.get("/v2/models/{name}/versions/{version}/config", summary="Configuration of one version",
+            responses=_MODEL_ERRORS)  # fmt: skip
+async def version_config(request: Request, name: str, version: str) -> Response:
+    return _config(request, name, version)
 
 
 @router.post("/v2/repository/index", summary="Loaded model versions (model repository extension, read-only)")
@@ -222,6 +252,7 @@ class InferRequest:
     images: np.ndarray  # float32 (N, features) in [0, 1]
     outputs: list[_Output]
     request_id: str | None
+    timeout_s: float | None  # the request's "timeout" parameter (microseconds on the wire), as a deadline
 
 
 def _input_tensor(spec: Any, model: Model, tail: bytes, max_images: int) -> tuple[np.ndarray, int]:
@@ -322,7 +353,10 @@ def parse_infer(body: bytes, declared: str | None, model: Model, max_images: int
     rid = doc.get("id")
     if rid is not None and not isinstance(rid, str):
         raise InvalidInput('"id" must be a string', code="invalid_type")
-    return InferRequest(images, _requested_outputs(doc, model), rid)
+    timeout = _dict(doc.get("parameters"), '"parameters"').get("timeout")
+    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0):
+        raise InvalidInput('parameter "timeout" must be a positive number of microseconds', code="invalid_input")
+    return InferRequest(images, _requested_outputs(doc, model), rid, None if timeout is None else timeout / 1e6)
 
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -381,77 +415,89 @@ async def _run(svc: ServiceState, request: Request, model: Model, x: np.ndarray,
     return probs, None, queue_s, inference_s
 
 
+_NUMBERS = {"type": "array", "items": {"type": "number", "minimum": 0}}
 _TENSOR_SCHEMA = {
     "type": "object",
-    "required": ["name", "shape", "datatype"],
+    "required": ["name", "shape", "datatype", "data"],
     "properties": {
-        "name": {"type": "string", "example": "pixels"},
-        "shape": {"type": "array", "items": {"type": "integer"}, "example": [1, 784]},
+        "name": {"type": "string", "description": "The model's input name (see the metadata)."},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2, "maxItems": 3,
+                  "description": "[N, 784] or [N, 28, 28]."},
         "datatype": {"type": "string", "enum": list(_DTYPES)},
-        "data": {"type": "array", "items": {}, "description": "Row-major values, flat or nested."},
-        "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer"}}},
+        "data": {
+            "type": "array",
+            "items": {"anyOf": [{"type": "number", "minimum": 0}, {"type": "array", "items": {"anyOf": [
+                {"type": "number", "minimum": 0}, _NUMBERS]}}]},
+            "description": "Row-major values, flat or nested: FP32 in [0, 1], UINT8 0-255.",
+        },
+        "parameters": {"type": ["object", "null"]},
     },
-}
+}  # fmt: skip
 _INFER_BODY = {
     "required": True,
+    "description": "JSON (shown), or the binary tensor data extension (see the description).",
     "content": {
         decode.JSON: {
             "schema": {
                 "type": "object",
                 "required": ["inputs"],
                 "properties": {
-                    "id": {"type": "string"},
-                    "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+                    "id": {"type": "string", "description": "Echoed in the response."},
+                    "parameters": {
+                        "type": ["object", "null"],
+                        "properties": {
+                            "binary_data_output": {"type": "boolean"},
+                            "timeout": {"type": "integer", "minimum": 1, "description": "Deadline in microseconds."},
+                        },
+                    },
                     "inputs": {"type": "array", "items": _TENSOR_SCHEMA, "minItems": 1, "maxItems": 1},
                     "outputs": {
-                        "type": "array",
+                        "type": ["array", "null"],
+                        "minItems": 1,
                         "items": {
                             "type": "object",
                             "required": ["name"],
                             "properties": {
                                 "name": {"type": "string", "enum": ["probabilities", LABEL_OUTPUT]},
                                 "parameters": {
-                                    "type": "object",
+                                    "type": ["object", "null"],
                                     "properties": {
                                         "binary_data": {"type": "boolean"},
-                                        "classification": {"type": "integer", "minimum": 0},
+                                        "classification": {"type": "integer", "minimum": 0, "maximum": 10},
                                     },
                                 },
                             },
                         },
                     },
                 },
-            }
-        },
-        decode.RAW: {
-            "schema": {"type": "string", "format": "binary"},
-            "description": "Binary tensor data extension: a JSON header of Inference-Header-Content-Length "
-            "bytes, then the raw little-endian tensor bytes of each input with parameters.binary_data_size.",
+            },
+            "example": {
+                "id": "example-1",
+                "inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "FP32", "data": [0.0] * 784}],
+                "outputs": [{"name": "probabilities"}, {"name": LABEL_OUTPUT}],
+            },
         },
     },
 }
-_ERROR_SCHEMA = {"content": {decode.JSON: {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}},
-                 "description": 'Error: {"error": "message"}'}  # fmt: skip
+_ERROR_SCHEMA: dict[str, Any] = {
+    "description": 'Error: {"error": "message"}',
+    "content": {decode.JSON: {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}},
+}
 
 
-@router.post(
-    "/v2/models/{name}/infer",
-    summary="Inference (Open Inference Protocol)",
-    description=(
-        "FP32 pixels in [0, 1] or UINT8 0-255, shape [N, 784] or [N, 28, 28], as JSON data or binary tensor "
-        "data. Outputs: `probabilities` FP32 [N, 10] (default) and `label` INT64 [N] on request; "
-        "`binary_data: true` per output (or `binary_data_output` for all) returns raw bytes."
-    ),
-    openapi_extra={"requestBody": _INFER_BODY},
-    responses={code: _ERROR_SCHEMA for code in (400, 404, 413, 415, 422, 500, 503, 504)},
+_INFER_DOC = (
+    "FP32 pixels in [0, 1] or UINT8 0-255, shape [N, 784] or [N, 28, 28], as JSON `data` or with the binary "
+    "tensor data extension (a JSON header of `Inference-Header-Content-Length` bytes, then each input's raw "
+    "little-endian bytes, sized by its `parameters.binary_data_size`). Outputs: `probabilities` FP32 [N, 10] "
+    "(default) and `label` INT64 [N] on request; `binary_data: true` per output (or `binary_data_output` for "
+    "all) returns raw bytes after the JSON header. `Content-Encoding: gzip|deflate` bodies are accepted."
 )
-@router.post(
-    "/v2/models/{name}/versions/{version}/infer",
-    summary="Inference on one loaded version",
-    openapi_extra={"requestBody": _INFER_BODY},
-    responses={code: _ERROR_SCHEMA for code in (400, 404, 413, 415, 422, 500, 503, 504)},
-)
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
+_INFER_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: _ERROR_SCHEMA for code in (400, 404, 413, 415, 422, 500, 503, 504)
+}
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
     svc = state_of(request)
     settings = svc.settings
     body = await read_body(request, settings.max_body_bytes, settings.request_timeout_s)
@@ -460,6 +506,8 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     model = svc.registry.get(name, version)
     req = parse_infer(body, request.headers.get(HEADER_LENGTH), model, settings.max_images_per_request)
     del body
+    if req.timeout_s is not None:
+        budget = req.timeout_s if budget is None else min(budget, req.timeout_s)
     probs, res, queue_s, inference_s = await _run(svc, request, model, req.images, budget)
     labels = probs.argmax(axis=1)
     svc.quality.remember(request_id_of(request.scope) or "", labels)
@@ -471,6 +519,28 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     return Response(content, media_type=decode.RAW, headers=headers)
 
 
-@router.api_route("/v2/{path:path}", methods=["GET", "POST"], include_in_schema=False)
-async def unknown(path: str) -> Response:
+@router.post("/v2/models/{name}/infer", summary="Inference (Open Inference Protocol)", description=_INFER_DOC,
+             openapi_extra={"requestBody": _INFER_BODY}, responses=_INFER_ERRORS)  # fmt: skip
+async def infer(request: Request, name: str) -> Response:
+    return await _infer(request, name, None)
+
+
+@router.post("/v2/models/{name}/versions/{version}/infer", summary="Inference on one loaded version",
+             description=_INFER_DOC, openapi_extra={"requestBody": _INFER_BODY}, responses=_INFER_ERRORS)  # fmt: skip
+async def version_infer(request: Request, name: str, version: str) -> Response:
+    return await _infer(request, name, version)
+
+
+@router.api_route("/v2/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+async def unknown(request: Request, path: str) -> Response:
+    """Unknown /v2 paths answer in the protocol's error shape; a known path with another method gets 405."""
+    allowed = sorted(
+        m
+        for route in router.routes
+        if isinstance(route, APIRoute) and route.endpoint is not unknown
+        and route.matches(request.scope)[0] is Match.PARTIAL
+        for m in route.methods or ()
+    )  # fmt: skip
+    if allowed:
+        return oip_error(405, f"method {request.method} is not allowed here", {"Allow": ", ".join(allowed)})
     raise NotFound(f"no such endpoint: /v2/{path}")

@@ -82,19 +82,28 @@ class Quality(Collector):
 
     # ---------------------------------------------------------------- hot path (inference thread)
     def record_batch(self, model: Model, x: np.ndarray, probs: np.ndarray) -> None:
-        """One engine call's inputs (N, features) in [0, 1] and outputs (N, classes)."""
-        means = x.mean(axis=1, dtype=np.float32)
+        """One engine call's inputs (N, features) in [0, 1] and outputs (N, classes).
+
+        About 1 us per image plus 15 us per batch (docs/observability.md): einsum for the row means (4x
+        faster than ``mean``, and no BLAS call that could wake OpenBLAS threads), slices into the ring.
+        """
+        n = len(probs)
+        means = np.einsum("ij->i", x) * np.float32(1.0 / x.shape[1])
         labels = probs.argmax(axis=1)
-        self._confidence.observe_many(probs.max(axis=1))
+        self._confidence.observe_many(probs[np.arange(n), labels])
         counts = np.bincount(labels, minlength=self.n_classes)[: self.n_classes]
-        n = min(len(labels), self._window)
+        k = min(n, self._window)  # only the last ``window`` images of a huge batch can stay
         with self._lock:
             self._class_counts += counts
-            idx = (self._pos + np.arange(n)) % self._window
-            self._means[idx] = means[-n:]
-            self._classes[idx] = labels[-n:]
-            self._pos = (self._pos + n) % self._window
-            self._filled = min(self._filled + n, self._window)
+            pos = self._pos
+            head = min(k, self._window - pos)
+            self._means[pos : pos + head] = means[n - k : n - k + head]
+            self._classes[pos : pos + head] = labels[n - k : n - k + head]
+            if k > head:  # wrap around
+                self._means[: k - head] = means[n - k + head :]
+                self._classes[: k - head] = labels[n - k + head :]
+            self._pos = (pos + k) % self._window
+            self._filled = min(self._filled + k, self._window)
 
     # ---------------------------------------------------------------- feedback (event loop)
     def remember(self, request_id: str, labels: np.ndarray) -> None:

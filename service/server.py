@@ -100,7 +100,7 @@ def build_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
         asgi,
         host=settings.host,
         port=settings.port,
-        loop="uvloop",
+        loop=settings.event_loop,
         http=guarded_protocol(limits),
         lifespan="on",
         log_config=None,

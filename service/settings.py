@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     max_inflight_requests: int = Field(
         256, ge=0, description="Inference requests processed at once; beyond it: 503 at once (0 = no limit)."
     )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="Event loop: uvloop (faster) or asyncio (fairer to new connections under overload)."
+    )
 
 
 def _flag(name: str) -> str:

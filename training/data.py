@@ -90,8 +90,7 @@ def _validate(arrays: dict[str, np.ndarray], origin: str) -> None:
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE:
             raise DataError(
-                f"{origin}: x_{split} must be uint8 with shape (N, 28, 28), got {x.dtype} {x.shape}. "
-                + HOW_TO_PROVIDE
+                f"{origin}: x_{split} must be uint8 with shape (N, 28, 28), got {x.dtype} {x.shape}. " + HOW_TO_PROVIDE
             )
         if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x):
             raise DataError(
@@ -153,9 +152,7 @@ def load_mnist(path: Path | None) -> MnistData:
     return load_npz(path) if path is not None else download_keras()
 
 
-def split_validation(
-    x: Images, y: Labels, fraction: float, seed: int
-) -> tuple[Images, Labels, Images, Labels]:
+def split_validation(x: Images, y: Labels, fraction: float, seed: int) -> tuple[Images, Labels, Images, Labels]:
     """A seeded random split of the training set into (x_fit, y_fit, x_val, y_val)."""
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"validation split must be in [0, 1), got {fraction}")

@@ -14,9 +14,7 @@ def accuracy(y_true: npt.ArrayLike, y_pred: npt.ArrayLike) -> float:
     return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
 
 
-def confusion_matrix(
-    y_true: npt.ArrayLike, y_pred: npt.ArrayLike, n_classes: int = N_CLASSES
-) -> npt.NDArray[np.int64]:
+def confusion_matrix(y_true: npt.ArrayLike, y_pred: npt.ArrayLike, n_classes: int = N_CLASSES) -> npt.NDArray[np.int64]:
     """Rows are true labels, columns predicted labels."""
     matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(matrix, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)

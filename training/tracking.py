@@ -9,9 +9,10 @@ Telemetry is switched off: nothing here reaches the internet.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -24,9 +25,8 @@ ONNX_ARTIFACT_DIR = "onnx"
 _QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
-    # Do not let MLflow shell out to git to tag runs (the tree may have no commits yet).
-    "MLFLOW_TRACKING_DISABLE_GIT": "true",
-    "GIT_PYTHON_REFRESH": "quiet",
+    # Only the AI-gateway code reads it, but an empty value guarantees no remote model-catalog fetch.
+    "MLFLOW_MODEL_CATALOG_URI": "",
 }
 
 
@@ -40,25 +40,37 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def _sqlite_artifact_root(uri: str) -> str | None:
-    """For a local SQLite store, the ``mlruns/`` directory beside the database file."""
+def _sqlite_artifact_location(uri: str, experiment: str) -> str | None:
+    """For a local SQLite store, ``mlruns/<experiment>/`` beside the database file (None: the store decides)."""
     if not uri.startswith("sqlite:///"):
         return None
-    db_path = Path(unquote(urlparse(uri).path if uri.startswith("sqlite:////") else uri[len("sqlite:///") :]))
-    return (db_path.resolve().parent / "mlruns").as_uri()
+    db_path = Path(unquote(uri[len("sqlite:///") :]))
+    folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment).strip("._") or "experiment"
+    return (db_path.resolve().parent / "mlruns" / folder).as_uri()
 
 
 def configure(experiment: str) -> tuple[MlflowClient, str]:
     """Point MLflow at :func:`tracking_uri`, create ``experiment`` if needed; return (client, experiment id)."""
+    mlflow_client = client()
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is not None:
+        return mlflow_client, found.experiment_id
+    artifact_location = _sqlite_artifact_location(tracking_uri(), experiment)
+    return mlflow_client, mlflow_client.create_experiment(experiment, artifact_location=artifact_location)
+
+
+def client() -> MlflowClient:
+    """An explicit client for :func:`tracking_uri`; MLflow's global (fluent) state is never touched."""
     quiet_environment()
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return client, found.experiment_id
-    experiment_id = client.create_experiment(experiment, artifact_location=_sqlite_artifact_root(uri))
-    return client, experiment_id
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def run_tags(source: str) -> dict[str, str]:
+    """The tags MLflow's fluent ``start_run`` would add (user, source), with our entry point as the source."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags: dict[str, str] = resolve_tags({})
+    tags["mlflow.source.name"] = source
+    return tags

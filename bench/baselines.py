@@ -1,0 +1,172 @@
+"""The designs the service is measured against, each a FastAPI app served exactly like the service
+(uvicorn, uvloop, httptools, one worker, no access log, same keep-alive), with the same model and the
+same ONNX Runtime session options (intra-op threads, no spinning):
+
+- ``classic``: a pydantic ``list[float]`` body and one ``session.run`` per request, no batching
+  (the lab report's Flask service, written in FastAPI);
+- ``careful``: raw body + orjson + the same validation as the service + one ``session.run`` per request;
+- ``ceiling``: reads the same body and returns a canned answer (no parsing, no model): the most this
+  framework and server can do on this machine.
+
+Run one: ``python -m bench.baselines --kind careful --model models/mnist-mlp/1 --port 8101``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+import orjson
+import uvicorn
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+from starlette.requests import Request
+from starlette.responses import Response
+
+Kind = Literal["classic", "careful", "ceiling"]
+KINDS: tuple[Kind, ...] = ("classic", "careful", "ceiling")
+_JSON = "application/json"
+
+
+def session_for(model_file: Path, intra_op_threads: int = 1) -> ort.InferenceSession:
+    """The service's default session options (see service/model.py)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = intra_op_threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(model_file), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+class PredictIn(BaseModel):
+    image: list[float] = Field(min_length=784, max_length=784)
+
+
+class PredictOut(BaseModel):
+    label: int
+    probabilities: list[float]
+
+
+def _error(status: int, message: str) -> Response:
+    return Response(orjson.dumps({"error": {"code": "invalid_input", "message": message}}), status, media_type=_JSON)
+
+
+def _ready() -> Response:
+    return Response(b'{"status":"ready"}', media_type=_JSON)
+
+
+def classic_app(model_file: Path, intra_op_threads: int = 1) -> FastAPI:
+    session = session_for(model_file, intra_op_threads)
+    input_name = session.get_inputs()[0].name
+    app = FastAPI()
+
+    @app.post("/v1/predict", response_model=PredictOut)
+    async def predict(req: PredictIn) -> PredictOut:
+        x = np.asarray(req.image, dtype=np.float32).reshape(1, 784)
+        probs = session.run(None, {input_name: x})[0][0]
+        return PredictOut(label=int(probs.argmax()), probabilities=probs.tolist())
+
+    app.get("/readyz")(_ready)
+    return app
+
+
+def careful_app(model_file: Path, intra_op_threads: int = 1) -> FastAPI:
+    session = session_for(model_file, intra_op_threads)
+    input_name = session.get_inputs()[0].name
+    output_name = session.get_outputs()[0].name
+    app = FastAPI()
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> Response:
+        try:
+            doc = orjson.loads(await request.body())
+            x = np.asarray(doc["image"], dtype=np.float32).reshape(1, 784)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            return _error(422, f"bad body: {exc}")
+        if not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0:
+            return _error(422, "pixels must be finite and in [0, 1]")
+        probs = session.run([output_name], {input_name: x})[0][0]
+        content = orjson.dumps(
+            {"label": int(probs.argmax()), "probabilities": probs}, option=orjson.OPT_SERIALIZE_NUMPY
+        )
+        return Response(content, media_type=_JSON)
+
+    app.get("/readyz")(_ready)
+    return app
+
+
+CANNED = orjson.dumps(
+    {
+        "label": 7,
+        "probabilities": [1.2e-07, 3.4e-06, 2.1e-05, 1.1e-04, 2.2e-08, 1.0e-06, 3.3e-10, 0.99985, 9.1e-07, 1.5e-05],
+        "model": "mnist-mlp",
+        "version": "1",
+        "request_id": "0123456789abcdef0123456789abcdef",
+    }
+)
+
+
+def ceiling_app() -> FastAPI:
+    app = FastAPI()
+
+    async def canned(request: Request) -> Response:
+        await request.body()
+        return Response(CANNED, media_type=_JSON)
+
+    app.post("/v1/predict")(canned)
+    app.post("/v1/predict/batch")(canned)
+    app.get("/readyz")(_ready)
+    return app
+
+
+def create_app(kind: Kind, model_file: Path | None, intra_op_threads: int = 1) -> FastAPI:
+    if kind == "ceiling":
+        return ceiling_app()
+    if model_file is None:
+        raise ValueError(f"--model is required for {kind}")
+    return classic_app(model_file, intra_op_threads) if kind == "classic" else careful_app(model_file, intra_op_threads)
+
+
+def serve(app: FastAPI, host: str, port: int) -> None:
+    """The service's uvicorn settings (service/server.py), so only the application code differs."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=5,
+        server_header=False,
+    )
+    uvicorn.Server(config).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.baselines", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kind", choices=KINDS, required=True, help="Which design to serve.")
+    parser.add_argument("--model", type=Path, help="The model version folder (holding model.onnx).")
+    parser.add_argument("--host", default="127.0.0.1", help="Interface (default 127.0.0.1).")
+    parser.add_argument("--port", type=int, required=True, help="TCP port.")
+    parser.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime intra-op threads.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    model_file = None
+    if args.model is not None:
+        model_file = args.model / "model.onnx" if args.model.is_dir() else args.model
+    serve(create_app(args.kind, model_file, args.intra_op_threads), args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

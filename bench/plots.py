@@ -1,0 +1,94 @@
+"""PNG plots of a run: throughput vs concurrency, latency percentiles vs throughput, bulk vs the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from bench.report import Point
+
+_DESIGNS = ("service", "careful", "classic", "ceiling")
+_COLORS = {"service": "tab:blue", "careful": "tab:orange", "classic": "tab:red", "ceiling": "tab:gray"}
+
+
+def _series(points: list[Point], design: str, workload: str) -> list[Point]:
+    return sorted((p for p in points if p.design == design and p.workload == workload), key=lambda p: p.concurrency)
+
+
+def throughput_vs_concurrency(points: list[Point], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for design in _DESIGNS:
+        s = _series(points, design, "json")
+        if s:
+            ax.plot(
+                [p.concurrency for p in s],
+                [p.rps for p in s],
+                "o--" if design == "ceiling" else "o-",
+                color=_COLORS[design],
+                label=f"{design} (JSON)",
+            )
+    s = _series(points, "service", "png")
+    if s:
+        ax.plot([p.concurrency for p in s], [p.rps for p in s], "s:", color=_COLORS["service"], label="service (PNG)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent connections")
+    ax.set_ylabel("requests/s (single image)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def latency_vs_throughput(points: list[Point], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for design in _DESIGNS:
+        s = _series(points, design, "json")
+        if not s:
+            continue
+        x = [p.rps for p in s]
+        ax.plot(x, [p.p50_ms for p in s], "o-", color=_COLORS[design], label=f"{design} p50")
+        ax.plot(x, [p.p99_ms for p in s], "^--", color=_COLORS[design], label=f"{design} p99", alpha=0.7)
+        for p in s:
+            ax.annotate(f"c{p.concurrency}", (p.rps, p.p99_ms), fontsize=7, alpha=0.6)
+    ax.set_yscale("log")
+    ax.set_xlabel("requests/s (single-image JSON)")
+    ax.set_ylabel("latency, ms (log)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bulk_vs_engine(points: list[Point], engine_best: float | None, path: Path, title: str) -> None:
+    bulk = [p for p in points if p.design == "service" and p.workload.startswith("bulk-")]
+    if not bulk:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, marker in (("bulk-raw", "o-"), ("bulk-json", "s--")):
+        for c in sorted({p.concurrency for p in bulk}):
+            s = sorted(
+                (p for p in bulk if p.workload.startswith(kind) and p.concurrency == c),
+                key=lambda p: p.images_per_request,
+            )
+            if s:
+                ax.plot([p.images_per_request for p in s], [p.images_per_s for p in s], marker, label=f"{kind} c={c}")
+    if engine_best:
+        ax.axhline(engine_best, color="k", linestyle=":", label="engine ceiling")
+        ax.axhline(0.8 * engine_best, color="k", linestyle="-.", alpha=0.4, label="80% of it")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("images per request")
+    ax.set_ylabel("images/s")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,185 @@
+"""The processes under test: the service and the baselines, each a subprocess on 127.0.0.1, and what is
+read from them during a point (CPU seconds and resident memory through psutil, batch sizes from /metrics)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from bench.models import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status), bytes(resp.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+
+
+@dataclass
+class ServerProc:
+    """One server subprocess; ``stop()`` sends SIGTERM and waits (kill after ``timeout``)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if http_get(self.url + "/readyz", timeout=1)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready in {timeout:g} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def start(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> ServerProc:
+    """Start ``python <args> --port P`` from the repository root (not yet waited for)."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    cmd = [sys.executable, *args, "--port", str(port)]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+    return ServerProc(name, proc, port, log_path)
+
+
+@dataclass
+class ProcSample:
+    cpu_s: float
+    wall_s: float
+    rss_peak_mb: float
+    rss_end_mb: float
+    threads: int
+
+    @property
+    def cpu_util(self) -> float:
+        """CPU used, in cores (1.0 = one core busy all the time)."""
+        return self.cpu_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass
+class ProcSampler:
+    """CPU seconds (all threads) between start and stop, and the peak RSS sampled every ``interval`` s."""
+
+    pid: int
+    interval: float = 0.05
+    _proc: psutil.Process = field(init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _peak: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self._proc = psutil.Process(self.pid)
+
+    def _cpu(self) -> float:
+        t = self._proc.cpu_times()
+        return float(t.user + t.system)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._peak = max(self._peak, self._proc.memory_info().rss)
+            except psutil.Error:
+                return
+
+    def __enter__(self) -> ProcSampler:
+        self._cpu0 = self._cpu()
+        self._t0 = time.monotonic()
+        self._peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        rss = self._proc.memory_info().rss
+        self.sample = ProcSample(
+            cpu_s=self._cpu() - self._cpu0,
+            wall_s=time.monotonic() - self._t0,
+            rss_peak_mb=max(self._peak, rss) / 2**20,
+            rss_end_mb=rss / 2**20,
+            threads=self._proc.num_threads(),
+        )
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The service's /metrics as {name{labels}: value}; empty when the target has no /metrics."""
+    try:
+        status, body = http_get(url + "/metrics")
+    except OSError:
+        return {}
+    if status != 200:
+        return {}
+    out: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        m = _SAMPLE.match(line)
+        if m:
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+def mean_batch(before: dict[str, float], after: dict[str, float]) -> tuple[float | None, int]:
+    """Mean images per engine call between two scrapes, and the number of engine calls."""
+    key_sum, key_count = "mnist_batch_size_images_sum", "mnist_batch_size_images_count"
+    if key_count not in after or key_count not in before:
+        return None, 0
+    calls = int(after[key_count] - before[key_count])
+    if calls <= 0:
+        return None, 0
+    return (after[key_sum] - before[key_sum]) / calls, calls

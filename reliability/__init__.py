@@ -1,0 +1,1 @@
+"""Reliability scenarios that print figures: overload, soak (and the helpers they share)."""

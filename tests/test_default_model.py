@@ -1,0 +1,126 @@
+"""The committed default model ``models/mnist-mlp/1``: onnxruntime only, no TensorFlow.
+
+Accuracy is checked on the full MNIST test set when ../shared/data/mnist.npz is present (it must reproduce the
+recorded figure), else on the 1,000 shipped test digits (x_test[-1000:]).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDER = REPO / "models" / "mnist-mlp" / "1"
+FIXTURE = Path(__file__).parent / "fixtures" / "mnist_small.npz"
+SHARED = REPO.parent / "shared" / "data" / "mnist.npz"
+SERVICE_KEYS = ("name", "version", "file", "sha256", "input", "output", "preprocessing", "class_labels",
+                "reference", "golden")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def meta() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((FOLDER / "metadata.json").read_text())
+    return loaded
+
+
+def _session(name: str) -> ort.InferenceSession:
+    return ort.InferenceSession(str(FOLDER / name), providers=["CPUExecutionProvider"])
+
+
+def _test_digits() -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], bool]:
+    """(images, labels, is the full test set)."""
+    path = SHARED if SHARED.is_file() else FIXTURE
+    with np.load(path) as npz:
+        return npz["x_test"], npz["y_test"], path == SHARED
+
+
+def _accuracy(session: ort.InferenceSession, images: npt.NDArray[np.uint8], labels: npt.NDArray[np.uint8]) -> float:
+    pixels = images.reshape(len(images), 784).astype(np.float32) / np.float32(255)
+    probs = session.run(None, {"pixels": pixels})[0]
+    return float(np.mean(probs.argmax(axis=1) == labels))
+
+
+def test_metadata_declares_the_contract(meta: dict[str, Any]) -> None:
+    assert all(key in meta for key in SERVICE_KEYS)
+    assert (meta["name"], meta["version"], meta["file"]) == ("mnist-mlp", "1", "model.onnx")
+    assert meta["input"] == {"name": "pixels", "shape": [None, 784], "dtype": "float32", "image_shape": [28, 28]}
+    assert meta["output"] == {"name": "probabilities", "shape": [None, 10], "dtype": "float32"}
+    assert meta["preprocessing"]["scale"] == pytest.approx(1 / 255)
+    assert meta["class_labels"] == [str(i) for i in range(10)]
+    assert meta["test_accuracy"] >= 0.98
+    assert meta["parity"]["labels_identical"] is True
+    assert meta["parity"]["max_abs_diff"] <= 1e-5
+    assert meta["parity"]["n"] == 10000
+    training = meta["training"]
+    assert training["seed"] is not None
+    assert len(training["data_sha256"]) == 64
+    assert training["command"].startswith("mnist-train")
+
+
+def test_sha256_matches_the_files(meta: dict[str, Any]) -> None:
+    assert hashlib.sha256((FOLDER / meta["file"]).read_bytes()).hexdigest() == meta["sha256"]
+    q = meta["quantized"]
+    path = FOLDER / q["file"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == q["sha256"]
+    assert path.stat().st_size == q["size_bytes"]
+
+
+def test_onnx_io_matches_the_metadata(meta: dict[str, Any]) -> None:
+    for name in (meta["file"], meta["quantized"]["file"]):
+        session = _session(name)
+        (inp,), (out,) = session.get_inputs(), session.get_outputs()
+        assert inp.name == meta["input"]["name"]
+        assert inp.type == "tensor(float)"
+        assert inp.shape[1] == 784
+        assert isinstance(inp.shape[0], str)  # dynamic batch
+        assert out.name == meta["output"]["name"]
+        assert out.shape[1] == 10
+
+
+def test_reference_block_is_well_formed(meta: dict[str, Any]) -> None:
+    ref = meta["reference"]
+    edges = ref["mean_intensity_edges"]
+    assert edges[0] == 0.0
+    assert edges[-1] == 1.0
+    assert edges == sorted(edges)
+    assert len(ref["mean_intensity_fractions"]) == len(edges) - 1
+    assert sum(ref["mean_intensity_fractions"]) == pytest.approx(1.0)
+    assert len(ref["class_fractions"]) == 10
+    assert sum(ref["class_fractions"]) == pytest.approx(1.0)
+
+
+def test_golden_digits_reproduce(meta: dict[str, Any]) -> None:
+    golden = meta["golden"]
+    raw = base64.b64decode(golden["images_b64"])
+    assert len(raw) == golden["count"] * 784 == 32 * 784
+    images = np.frombuffer(raw, dtype=np.uint8).reshape(golden["count"], 784)
+    probs = _session(meta["file"]).run(None, {"pixels": images.astype(np.float32) / np.float32(255)})[0]
+    assert probs.argmax(axis=1).tolist() == golden["labels"]
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_dynamic_batch_sizes(meta: dict[str, Any]) -> None:
+    session = _session(meta["file"])
+    for batch in (1, 3, 257):
+        probs = session.run(None, {"pixels": np.zeros((batch, 784), dtype=np.float32)})[0]
+        assert probs.shape == (batch, 10)
+
+
+@pytest.mark.parametrize("variant", ["float", "int8"])
+def test_classifies_real_test_digits(meta: dict[str, Any], variant: str) -> None:
+    images, labels, full = _test_digits()
+    name = meta["file"] if variant == "float" else meta["quantized"]["file"]
+    accuracy = _accuracy(_session(name), images, labels)
+    assert accuracy >= 0.97
+    if full:  # the whole test set reproduces the recorded figures exactly
+        recorded = meta["test_accuracy"] if variant == "float" else meta["quantized"]["test_accuracy"]
+        assert accuracy == pytest.approx(recorded, abs=1e-9)
+        assert accuracy >= 0.98

@@ -1,0 +1,298 @@
+"""Deployment manifests: every kustomize overlay renders, validates against the Kubernetes 1.32 schema
+(kubernetes-validate, offline, strict), passes checkov, and keeps the service's contracts (probes,
+security context, shutdown budget, autoscaling, GPU scheduling, ALB). Also the ECS task definition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+K8S_VERSION = "1.32.0"
+TARGETS = ["base", "overlays/gke", "overlays/eks"]
+CRD_GROUPS = ("monitoring.coreos.com/",)  # not in the Kubernetes schema: shape checked by hand below
+APP_UID = 10001
+SHUTDOWN_MARGIN_S = 5
+# Checkov checks allowed to be skipped, each with its reason in the manifests (checkov.io/skipN annotations).
+ALLOWED_CHECKOV_SKIPS = {
+    "CKV_K8S_43": "image by digest: the manifests carry a tag, CI deploys by digest",
+}
+
+
+def _missing(what: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{what} (CI=true: this test must run)")
+    pytest.skip(what)
+
+
+def _kubectl() -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        _missing("kubectl (with kustomize) is not installed")
+    assert kubectl is not None
+    return kubectl
+
+
+_rendered: dict[str, list[dict[str, Any]]] = {}
+
+
+def render(target: str) -> list[dict[str, Any]]:
+    if target not in _rendered:
+        proc = subprocess.run([_kubectl(), "kustomize", str(K8S / target)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        _rendered[target] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return _rendered[target]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} {kind}"
+    return found[0]
+
+
+def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    containers = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]  # type: ignore[no-any-return]
+
+
+def config(docs: list[dict[str, Any]]) -> dict[str, str]:
+    return one(docs, "ConfigMap")["data"]  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- render + schema
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_renders_and_validates_against_the_kubernetes_schema(target: str) -> None:
+    try:
+        import kubernetes_validate
+    except ImportError:
+        _missing("kubernetes-validate is not installed (PyPI kubernetes-validate)")
+    docs = render(target)
+    kinds = {d["kind"] for d in docs}
+    expected = {"Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler",
+                "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"}  # fmt: skip
+    assert expected <= kinds, expected - kinds
+    for doc in docs:
+        if doc["apiVersion"].startswith(CRD_GROUPS):
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{target}: {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+        assert doc["metadata"].get("namespace", "mnist-serving") == "mnist-serving", doc["metadata"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_servicemonitor_shape(target: str) -> None:
+    docs = render(target)
+    sm = one(docs, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["name"]
+    assert sm["metadata"]["namespace"] == "mnist-serving"
+    service = one(docs, "Service")
+    selector = sm["spec"]["selector"]["matchLabels"]
+    assert selector
+    assert selector.items() <= service["metadata"]["labels"].items(), "the ServiceMonitor must select the Service"
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert endpoint["port"] in port_names
+    assert endpoint["path"] == "/metrics"
+    assert set(endpoint) <= {"port", "path", "scheme", "interval", "scrapeTimeout", "honorLabels", "relabelings"}
+
+
+# --------------------------------------------------------------------------- contracts
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_selectors_match_the_pods(target: str) -> None:
+    docs = render(target)
+    deployment = one(docs, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert one(docs, "Service")["spec"]["selector"].items() <= pod_labels.items()
+    assert one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    netpol = one(docs, "NetworkPolicy")
+    assert netpol["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert {"port": 8000, "protocol": "TCP"} in netpol["spec"]["ingress"][0]["ports"]
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "mnist-serving"}
+    assert hpa["spec"]["minReplicas"] >= 2, "the PDB (maxUnavailable 1) needs two pods to keep one serving"
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    # The ConfigMap the pods read is the generated one (hash suffix), so a settings change rolls the pods.
+    (env_from,) = container(docs)["envFrom"]
+    assert env_from["configMapRef"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pod_is_locked_down_probed_and_drains_within_the_grace_period(target: str) -> None:
+    docs = render(target)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    c = container(docs)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == APP_UID
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    # /tmp is the only writable path.
+    tmp_mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")
+    tmp_volume = next(v for v in pod["volumes"] if v["name"] == tmp_mount["name"])
+    assert "emptyDir" in tmp_volume
+    # Requests and limits on CPU and memory.
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= c["resources"][kind].keys()
+    # Probes: startup and liveness on /healthz, readiness on /readyz, all on the named port.
+    assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # Shutdown: the native preStop sleep, then SIGTERM and the drain, all inside the grace period.
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = float(config(docs)["MNIST_DRAIN_TIMEOUT_S"])
+    assert pre_stop >= 5
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + SHUTDOWN_MARGIN_S
+    # Containers listen on all interfaces; the image's model repository.
+    assert config(docs)["MNIST_HOST"] == "0.0.0.0"
+    assert config(docs)["MNIST_MODEL_REPOSITORY"] == "/app/models"
+    assert all(k.startswith("MNIST_") for k in config(docs))
+
+
+def test_gke_overlay_runs_on_a_gpu_node_pool() -> None:
+    docs = render("overlays/gke")
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    c = container(docs)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"]["cloud.google.com/gke-accelerator"].startswith("nvidia-")
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert config(docs)["MNIST_PROVIDER"] == "cuda"
+    assert "-docker.pkg.dev/" in c["image"]
+    assert "gpu" in c["image"].rsplit("/", 1)[-1]
+    # In-flight requests per pod, not CPU, on a GPU.
+    (metric,) = one(docs, "HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == "mnist_http_requests_in_progress"
+    adapter = yaml.safe_load((ROOT / "deploy" / "prometheus-adapter-values.yaml").read_text())
+    names = [rule["name"]["as"] for rule in adapter["rules"]["custom"]]
+    assert "mnist_http_requests_in_progress" in names
+
+
+def test_base_and_eks_scale_on_cpu_without_a_gpu() -> None:
+    for target in ("base", "overlays/eks"):
+        docs = render(target)
+        (metric,) = one(docs, "HorizontalPodAutoscaler")["spec"]["metrics"]
+        assert metric["type"] == "Resource"
+        assert metric["resource"]["name"] == "cpu"
+        assert "nvidia.com/gpu" not in container(docs)["resources"]["limits"]
+        assert config(docs)["MNIST_PROVIDER"] == "cpu"
+
+
+def test_eks_overlay_has_an_alb_ingress() -> None:
+    docs = render("overlays/eks")
+    ingress = one(docs, "Ingress")
+    assert ingress["spec"]["ingressClassName"] == "alb"
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["alb.ingress.kubernetes.io/target-type"] == "ip"
+    assert annotations["alb.ingress.kubernetes.io/healthcheck-path"] == "/readyz"
+    assert annotations["alb.ingress.kubernetes.io/scheme"] in ("internet-facing", "internal")
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    service = one(docs, "Service")
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    # The ALB lets go of a pod (deregistration delay) before the pod's preStop sleep and drain end.
+    delay = int(annotations["alb.ingress.kubernetes.io/target-group-attributes"].split("=")[1])
+    pre_stop = container(docs)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert delay <= pre_stop + float(config(docs)["MNIST_DRAIN_TIMEOUT_S"])
+    assert ".dkr.ecr." in container(docs)["image"]
+
+
+# --------------------------------------------------------------------------- checkov
+
+
+def _checkov() -> str:
+    local = ROOT / ".venv-checkov" / "bin" / "checkov"
+    found = str(local) if local.exists() else shutil.which("checkov")
+    if found is None:
+        _missing(
+            "checkov is not installed (python3 -m venv .venv-checkov && .venv-checkov/bin/pip install 'checkov>=3,<4')"
+        )
+    assert found is not None
+    return found
+
+
+def test_checkov_passes_on_every_rendered_overlay(tmp_path: Path) -> None:
+    checkov = _checkov()
+    for target in TARGETS:
+        proc = subprocess.run([_kubectl(), "kustomize", str(K8S / target)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        (tmp_path / f"{target.replace('/', '-')}.yaml").write_text(proc.stdout)
+    proc = subprocess.run(
+        [checkov, "--directory", str(tmp_path), "--framework", "kubernetes", "--output", "json", "--skip-download"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    reports = report if isinstance(report, list) else [report]
+    assert reports
+    for rep in reports:
+        failed = rep["results"]["failed_checks"]
+        assert not failed, [(f["check_id"], f["check_name"], f["resource"], f["file_path"]) for f in failed]
+        assert not rep["results"]["parsing_errors"]
+        assert rep["summary"]["passed"] > 50
+        for skipped in rep["results"]["skipped_checks"]:
+            assert skipped["check_id"] in ALLOWED_CHECKOV_SKIPS, skipped["check_id"]
+            assert len(skipped["check_result"].get("suppress_comment", "")) > 20, "every skip says why"
+
+
+# --------------------------------------------------------------------------- ECS
+
+
+def test_ecs_task_definition() -> None:
+    task = json.loads((ROOT / "deploy" / "ecs-task-definition.json").read_text())
+    assert task["family"] == "mnist-serving"
+    assert task["networkMode"] == "awsvpc"
+    assert task["requiresCompatibilities"] == ["FARGATE"]
+    # Fargate: task-level cpu and memory, as strings, in a valid pair (1 vCPU: 2-8 GiB).
+    assert task["cpu"] == "1024"
+    assert 2048 <= int(task["memory"]) <= 8192
+    assert task["executionRoleArn"].startswith("arn:aws:iam::"), "awslogs and ECR pulls need an execution role"
+    (c,) = task["containerDefinitions"]
+    for key in ("name", "image", "portMappings", "healthCheck", "logConfiguration"):
+        assert c.get(key), key
+    assert c["essential"] is True
+    assert c["user"] == f"{APP_UID}:{APP_UID}"
+    assert c["readonlyRootFilesystem"] is True
+    assert c["linuxParameters"]["capabilities"]["drop"] == ["ALL"]
+    assert c["portMappings"][0]["containerPort"] == 8000
+    assert c["portMappings"][0]["protocol"] == "tcp"
+    # The same health check as the image's HEALTHCHECK.
+    assert c["healthCheck"]["command"] == ["CMD", "/opt/venv/bin/python", "/app/healthcheck.py"]
+    assert 'CMD ["/opt/venv/bin/python", "/app/healthcheck.py"]' in (ROOT / "Dockerfile").read_text()
+    assert 5 <= c["healthCheck"]["interval"] <= 300
+    assert 2 <= c["healthCheck"]["timeout"] <= 60
+    # awslogs, with the options it needs.
+    log = c["logConfiguration"]
+    assert log["logDriver"] == "awslogs"
+    assert {"awslogs-group", "awslogs-region", "awslogs-stream-prefix"} <= log["options"].keys()
+    # A writable /tmp only, from a task volume.
+    (mount,) = c["mountPoints"]
+    assert mount["containerPath"] == "/tmp"
+    assert mount["sourceVolume"] in {v["name"] for v in task["volumes"]}
+    # The same settings as the Kubernetes base, and time to drain on stop (Fargate allows up to 120 s).
+    env = {e["name"]: e["value"] for e in c["environment"]}
+    assert env == config(render("base"))
+    assert float(env["MNIST_DRAIN_TIMEOUT_S"]) + SHUTDOWN_MARGIN_S <= c["stopTimeout"] <= 120

@@ -1,0 +1,303 @@
+"""Unit tests of service/metrics.py and service/quality.py: each test builds its own registry."""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.metrics import DROP_REASONS, LATENCY_BUCKETS, ROUTES, Metrics, NumpyHistogram
+from service.model import Model, Reference, load_model
+from service.quality import CONFIDENCE_BUCKETS, MIN_DRIFT_SAMPLES, Quality, psi
+from service.settings import Settings
+from tests.helpers import ROOT, SHARED_MNIST, write_model
+
+FIXTURE = ROOT / "tests" / "fixtures" / "mnist_small.npz"
+OBS = ROOT / "observability"
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def samples(registry: CollectorRegistry) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Model:
+    repo = tmp_path_factory.mktemp("models")
+    return load_model(write_model(repo, "tiny", "3", seed=1), Settings(provider="cpu"))
+
+
+@functools.cache
+def mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, test images, test labels) of real MNIST: ../shared when present, else the fixture."""
+    path = SHARED_MNIST if SHARED_MNIST.exists() else FIXTURE
+    with np.load(path) as d:
+        return d["x_train"], d["x_test"], d["y_test"].astype(np.int64)
+
+
+def reference_from(train: np.ndarray, labels: np.ndarray) -> Reference:
+    from export.reference import reference_stats  # the exporter's own computation
+
+    ref = reference_stats(train, labels)
+    return Reference(*(np.asarray(ref[k], dtype=np.float64) for k in
+                       ("mean_intensity_edges", "mean_intensity_fractions", "class_fractions")))  # fmt: skip
+
+
+def one_hot(labels: np.ndarray, confidence: float = 0.9) -> np.ndarray:
+    probs = np.full((len(labels), 10), (1 - confidence) / 9, dtype=np.float32)
+    probs[np.arange(len(labels)), labels] = confidence
+    return probs
+
+
+def pixels(images: np.ndarray) -> np.ndarray:
+    return images.reshape(len(images), -1).astype(np.float32) / 255
+
+
+# ----------------------------------------------------------------------------------------- NumpyHistogram
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(LATENCY_BUCKETS), st.floats(0, 20, allow_nan=False)), max_size=200))
+def test_numpy_histogram_matches_prometheus_histogram(values: list[float]) -> None:
+    """Same buckets (a value equal to a bound counts in it), same count and sum as prometheus_client's."""
+    reg = CollectorRegistry()
+    reference = Histogram("ref_seconds", "reference", buckets=LATENCY_BUCKETS, registry=reg)
+    for v in values:
+        reference.observe(v)
+    ours = NumpyHistogram(LATENCY_BUCKETS)
+    ours.observe_many(values[: len(values) // 2])
+    ours.observe_many(np.asarray(values[len(values) // 2 :]))
+    got = {(s.labels.get("le"), s.name.rsplit("_", 1)[-1]): s.value for s in ours.family("ref_seconds", "x").samples}
+    want = {(s.labels.get("le"), s.name.rsplit("_", 1)[-1]): s.value
+            for s in reg.collect().__next__().samples if not s.name.endswith("_created")}  # fmt: skip
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value), key
+
+
+def test_numpy_histogram_rejects_bad_bounds_and_ignores_empty_batches() -> None:
+    for bad in ([], [1.0, 1.0], [2.0, 1.0]):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            NumpyHistogram(bad)
+    h = NumpyHistogram((1.0, 2.0))
+    h.observe_many([])
+    cum, total = h.snapshot()
+    assert cum.tolist() == [0, 0, 0]
+    assert total == 0.0
+
+
+# ----------------------------------------------------------------------------------------- Metrics
+def test_every_label_value_is_initialised_before_any_traffic() -> None:
+    s = samples(Metrics().registry)
+    http = {(lb["route"], lb["method"], lb["status"]) for lb, _ in s["http_requests_total"]}
+    for route in ROUTES:
+        assert any(r == route for r, _, _ in http), route
+        assert {"route": route} in [lb for lb, _ in s["http_requests_in_progress"]]
+        assert ({"route": route, "le": "+Inf"}, 0.0) in s["http_request_duration_seconds_bucket"]
+    assert {("/v1/predict", "POST", "503"), ("/v1/predict", "POST", "422")} <= http
+    assert ("/readyz", "GET", "503") in http
+    assert {lb["reason"] for lb, _ in s["mnist_requests_dropped_total"]} == set(DROP_REASONS)
+    assert {lb["queue"] for lb, _ in s["mnist_queue_depth_images"]} == {"interactive", "bulk"}
+    assert all(v == 0 for name in ("http_requests_total", "mnist_requests_dropped_total") for _, v in s[name])
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
+                 "python_gc_collections_total", "python_info", "mnist_uptime_seconds", "mnist_ready"):  # fmt: skip
+        assert name in s, name
+
+
+def test_buckets_resolve_a_sub_millisecond_service() -> None:
+    assert LATENCY_BUCKETS[0] <= 0.0001
+    assert sum(b < 0.001 for b in LATENCY_BUCKETS) >= 4  # resolution where the service lives
+    assert LATENCY_BUCKETS[-1] >= Settings().request_timeout_s
+
+
+def test_registries_are_independent() -> None:
+    a, b = Metrics(), Metrics()
+    a.dropped["queue_full"].inc()
+    values = {lb["reason"]: v for lb, v in samples(b.registry)["mnist_requests_dropped_total"]}
+    assert values["queue_full"] == 0
+
+
+def test_observe_batch_and_model_info(tiny_model: Model) -> None:
+    m = Metrics()
+    m.set_models([tiny_model], tiny_model)
+    m.observe_batch(tiny_model, 8, 0.0004, [0.0001, 0.002, 0.002])
+    m.observe_batch(tiny_model, 1, 0.00005, [0.0])
+    s = samples(m.registry)
+    assert s["mnist_images_processed_total"] == [({"model": "tiny", "version": "3"}, 9.0)]
+    assert s["mnist_batches_total"] == [({"model": "tiny", "version": "3"}, 2.0)]
+    assert dict((lb["le"], v) for lb, v in s["mnist_batch_size_images_bucket"])["1.0"] == 1
+    assert s["mnist_batch_size_images_sum"][0][1] == 9
+    waits = dict((lb["le"], v) for lb, v in s["mnist_queue_wait_seconds_bucket"])
+    assert [waits[le] for le in ("5e-05", "0.0001", "0.002", "+Inf")] == [1, 2, 4, 4]
+    assert s["mnist_queue_wait_seconds_sum"][0][1] == pytest.approx(0.0041)
+    assert s["mnist_inference_seconds_count"][0][1] == 2
+    ((labels, value),) = s["mnist_model_info"]
+    assert labels == {"name": "tiny", "version": "3", "sha256": tiny_model.sha256, "provider": "CPUExecutionProvider"}
+    assert value == 1
+
+
+def test_design_doc_lists_the_exported_metrics() -> None:
+    """docs/design.md's metric list and the exposition agree, both ways (process_* and python_* aside)."""
+    m = Metrics()
+    m.registry.register(Quality(10, 100, 10))
+    exported = {f.name + ("_total" if f.type == "counter" else "") for f in m.registry.collect()}
+    exported = {n for n in exported if n.startswith(("mnist_", "http_"))}
+    section = (ROOT / "docs" / "design.md").read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"\b((?:mnist|http)_[a-z_]+)", section))
+    assert listed - exported == set(), "listed in docs/design.md but not exported"
+    assert exported - listed == set(), "exported but not listed in docs/design.md"
+
+
+def test_dashboard_and_alerts_use_only_exported_metrics() -> None:
+    """Static check of every metric name in the Grafana JSON and the alert rules (no Prometheus needed)."""
+    m = Metrics()
+    m.registry.register(Quality(10, 100, 10))
+    names = set()
+    for family in m.registry.collect():
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(family.type, ("",))
+        names |= {family.name + suffix for suffix in suffixes}
+    names |= {"up"}
+    texts = [(OBS / "grafana" / "dashboards" / "mnist-service.json").read_text(),
+             (OBS / "prometheus" / "rules" / "mnist-alerts.yml").read_text()]  # fmt: skip
+    used = {n for text in texts for n in re.findall(r"\b((?:mnist|http|process|python)_[a-z_]+)\b(?=\s*[{\[)])", text)}
+    used |= {n for text in texts for n in re.findall(r"\b(up)\{", text)}
+    assert used, "no metric found"
+    assert used <= names, f"not exported by the service: {used - names}"
+
+
+# ----------------------------------------------------------------------------------------- PSI and drift
+def test_psi_is_zero_for_the_same_distribution_and_grows_with_the_shift() -> None:
+    e = np.array([0.1, 0.2, 0.4, 0.2, 0.1])
+    assert psi(e, e) == pytest.approx(0.0, abs=1e-12)
+    shifts = [psi(e, np.roll(e, k) * 0.5 + e * 0.5) for k in (0, 1, 2)]
+    assert shifts[0] < shifts[1] < shifts[2]
+    assert psi(e, np.array([0, 0, 0, 0, 1.0])) > 1  # an empty bin is finite, and large
+    assert math.isfinite(psi(np.array([1.0, 0.0]), np.array([0.0, 1.0])))
+
+
+def test_drift_is_nan_until_the_window_holds_enough_images(tiny_model: Model) -> None:
+    _, x, y = mnist()
+    q = Quality(10, window=2000, feedback_window=10)
+    assert all(math.isnan(v) for v in q.drift().values())  # no reference
+    q.set_reference(reference_from(x, y))
+    q.record_batch(tiny_model, pixels(x[: MIN_DRIFT_SAMPLES - 1]), one_hot(y[: MIN_DRIFT_SAMPLES - 1]))
+    assert all(math.isnan(v) for v in q.drift().values())
+    q.record_batch(tiny_model, pixels(x[:1]), one_hot(y[:1]))
+    assert all(math.isfinite(v) for v in q.drift().values())
+    small = Quality(10, window=50, feedback_window=10)  # a window below the minimum still scores when full
+    small.set_reference(reference_from(x, y))
+    small.record_batch(tiny_model, pixels(x[:50]), one_hot(y[:50]))
+    assert all(math.isfinite(v) for v in small.drift().values())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 700), min_size=1, max_size=8))
+def test_the_window_holds_exactly_the_most_recent_images(batch_sizes: list[int]) -> None:
+    """Whatever the batch sizes (smaller or larger than the window), drift = PSI of the last ``window`` images."""
+    window = 600
+    _, x, y = mnist()
+    ref = reference_from(x, y)
+    q = Quality(10, window=window, feedback_window=10)
+    q.set_reference(ref)
+    rng = np.random.default_rng(len(batch_sizes))
+    order = rng.integers(0, len(x), sum(batch_sizes))
+    start = 0
+    for n in batch_sizes:
+        idx = order[start : start + n]
+        q.record_batch(None, pixels(x[idx]), one_hot(y[idx]))  # type: ignore[arg-type]
+        start += n
+    recent = order[-window:]
+    drift = q.drift()
+    if len(recent) < MIN_DRIFT_SAMPLES:
+        assert math.isnan(drift["mean_intensity"])
+        return
+    means = pixels(x[recent]).mean(axis=1)
+    hist, _ = np.histogram(means, bins=ref.mean_intensity_edges)
+    classes = np.bincount(y[recent], minlength=10)
+    assert drift["mean_intensity"] == pytest.approx(psi(ref.mean_intensity_fractions, hist / hist.sum()))
+    assert drift["predicted_class"] == pytest.approx(psi(ref.class_fractions, classes / classes.sum()))
+
+
+def test_real_digits_stay_below_the_threshold_and_inverted_or_faded_ones_cross_it() -> None:
+    train, x, y = mnist()
+    ref = reference_from(train, y)
+    rng = np.random.default_rng(3)
+
+    def score(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        q = Quality(10, window=2000, feedback_window=10)
+        q.set_reference(ref)
+        q.record_batch(None, pixels(images), one_hot(labels))  # type: ignore[arg-type]
+        return q.drift()
+
+    idx = rng.choice(len(x), 2000, replace=len(x) < 2000)
+    normal = score(x[idx], y[idx])
+    assert max(normal.values()) < 0.1, normal
+    assert score(255 - x[idx], y[idx])["mean_intensity"] > 0.25
+    assert score((x[idx] * 0.5).astype(np.uint8), y[idx])["mean_intensity"] > 0.25
+    assert score(x[idx], np.full(2000, 1))["predicted_class"] > 0.25  # the model predicting one class only
+
+
+def test_a_new_reference_restarts_the_window(tiny_model: Model) -> None:
+    _, x, y = mnist()
+    q = Quality(10, window=1000, feedback_window=10)
+    q.set_reference(reference_from(x, y))
+    q.record_batch(tiny_model, pixels(x[:1000]), one_hot(y[:1000]))
+    assert math.isfinite(q.drift()["mean_intensity"])
+    q.set_reference(reference_from(x, y))
+    assert math.isnan(q.drift()["mean_intensity"])
+
+
+# ----------------------------------------------------------------------------------------- feedback
+def test_feedback_scores_remembered_predictions_once() -> None:
+    q = Quality(10, window=100, feedback_window=3, remembered=2)
+    q.remember("a", np.array([7]))
+    q.remember("b", np.array([1, 2, 3]))
+    assert q.feedback("a", 7, 0) is True
+    assert q.feedback("a", 7, 0) is True  # a retry: same verdict, counted as a duplicate
+    assert q.feedback("b", 9, 2) is False
+    assert q.feedback("b", 2, 1) is True
+    assert q.feedback("b", 2, 5) is None  # no such image in that request
+    assert q.feedback("nope", 1, 0) is None
+    q.remember("c", np.array([4]))
+    q.remember("d", np.array([4]))  # only the last 2 requests are remembered
+    assert q.feedback("a", 7, 0) is None
+    assert q.feedback("b", 1, 0) is None
+    assert q.feedback("d", 4, 0) is True
+    reg = CollectorRegistry()
+    reg.register(q)
+    s = samples(reg)
+    counts = {lb["outcome"]: v for lb, v in s["mnist_feedback_total"]}
+    assert counts == {"correct": 3, "incorrect": 1, "duplicate": 1, "unknown_request": 4}
+    # Rolling over the last 3 scored: False, True, True.
+    assert s["mnist_production_accuracy"][0][1] == pytest.approx(2 / 3)
+    assert s["mnist_production_accuracy_samples"][0][1] == 3
+
+
+def test_quality_exposition_before_and_after_traffic(tiny_model: Model) -> None:
+    reg = CollectorRegistry()
+    q = Quality(10, window=100, feedback_window=10)
+    reg.register(q)
+    s = samples(reg)
+    assert [lb["class"] for lb, _ in s["mnist_predictions_total"]] == [str(c) for c in range(10)]
+    assert math.isnan(s["mnist_production_accuracy"][0][1])
+    assert {lb["feature"] for lb, _ in s["mnist_drift_score"]} == {"mean_intensity", "predicted_class"}
+    probs = one_hot(np.array([3, 3, 5]), confidence=0.95)
+    probs[2] = one_hot(np.array([5]), confidence=0.45)[0]
+    q.record_batch(tiny_model, np.zeros((3, 784), np.float32), probs)
+    s = samples(reg)
+    preds = {lb["class"]: v for lb, v in s["mnist_predictions_total"]}
+    assert preds == {str(c): {3: 2, 5: 1}.get(c, 0) for c in range(10)}
+    conf = {lb["le"]: v for lb, v in s["mnist_prediction_confidence_bucket"]}
+    assert [conf["0.4"], conf["0.5"], conf["0.95"], conf["+Inf"]] == [0, 1, 3, 3]
+    assert len(conf) == len(CONFIDENCE_BUCKETS) + 1
+    assert s["mnist_drift_window_images"][0][1] == 3
