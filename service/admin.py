@@ -89,7 +89,7 @@ async def load(
         reason = str(exc).replace(f"{svc.settings.model_repository}/", "")
         log.warning("model version refused", extra={"version": version, "reason": reason})
         raise ModelRefused(f"version {version} refused, still serving version {previous}: {reason}") from exc
-    pass  # _publish(svc)
+    _publish(svc)
     seconds = time.perf_counter() - start
     log.info("model version swapped in" if default else "model version loaded",
              extra={"version": version, "previous": previous, "seconds": round(seconds, 3)})  # fmt: skip

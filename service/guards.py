@@ -76,7 +76,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _header_timeout(self) -> None:
         self._read_timer = None
         if not self.transport.is_closing():
-            log.warning("closing a connection that sent no complete request headers in time",
+            log.info("closing a connection that sent no complete request headers in time",
                         extra={"client": self.client and self.client[0], "timeout_s": self.limits.header_timeout_s})  # fmt: skip
             self.transport.write(
                 error_response(
@@ -88,7 +88,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _body_timeout(self) -> None:
         self._read_timer = None
         if not self.transport.is_closing():
-            log.warning("closing a connection whose request body did not arrive in time",
+            log.info("closing a connection whose request body did not arrive in time",
                         extra={"client": self.client and self.client[0], "timeout_s": self.limits.body_timeout_s})  # fmt: skip
             self.transport.close()
 

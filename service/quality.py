@@ -1,6 +1,6 @@
 """Production quality: prediction distribution, confidence, input drift and accuracy from feedback.
 
-``record_batch`` runs in the inference thread once per batch (vectorized: one mean, one argmax, one bincount
+``record_batch`` runs in the inference thread once per batch (vectorized: one einsum, one argmax, one bincount
 per batch, never per image in Python); the Prometheus collector reads the state at scrape time, so the drift
 scores are computed once per scrape over a sliding window of the most recent images, not per request.
 

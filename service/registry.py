@@ -39,15 +39,18 @@ class ModelRegistry:
         wanted = versions[-1] if settings.model_version == "latest" else settings.model_version
         if wanted not in versions:
             raise ModelLoadError(f"model {name!r} has no version {wanted} in {repo} (found: {', '.join(versions)})")
-        models = {wanted: load_model(repo / name / wanted, settings)}
+        registry = cls(settings, name, {wanted: load_model(repo / name / wanted, settings)}, wanted)
         if settings.load_all_versions:
             for v in versions:
                 if v != wanted:
                     try:
-                        models[v] = load_model(repo / name / v, settings)
+                        model = load_model(repo / name / v, settings)
+                        registry._check_contract(model)
                     except ModelLoadError as exc:
                         log.error("skipping a broken version", extra={"version": v, "reason": str(exc)})
-        return cls(settings, name, models, wanted)
+                    else:
+                        registry._models[v] = model
+        return registry
 
     @property
     def default(self) -> Model:

@@ -102,13 +102,15 @@ def test_admin_needs_the_token(client: httpx.Client) -> None:
     assert listing["available_versions"] == ["1", "2", "3", "4", "5"]
 
 
-def test_admin_is_off_without_a_token(repo: Path, tmp_path: Path) -> None:
-    with running_server(repo, tmp_path, "--model-version", "2") as srv, srv.client() as c:
+def test_admin_is_off_without_a_token_and_broken_versions_are_skipped(repo: Path, tmp_path: Path) -> None:
+    with running_server(repo, tmp_path, "--model-version", "2", "--load-all-versions") as srv, srv.client() as c:
         resp = c.post("/admin/models/tiny/versions/2/load", headers=AUTH)
         assert resp.status_code == 404
         assert resp.json()["error"]["code"] == "not_found"
         assert c.get("/admin/models", headers=AUTH).status_code == 404
         assert c.get("/readyz").json()["version"] == "2"
+        assert c.get("/v2/models/tiny").json()["versions"] == ["1", "2"]  # 3, 4 and 5 are refused
+    assert srv.logs().count("skipping a broken version") == 3
 
 
 # ---------------------------------------------------------------------------------------------- swap under load

@@ -9,6 +9,7 @@ real digits stay below it.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -188,6 +189,16 @@ def test_grafana_provisioning_matches_the_dashboard() -> None:
         assert topic in titles, f"no dashboard panel about {topic}"
 
 
+def test_dashboard_json_is_what_its_builder_writes() -> None:
+    """observability/grafana/build_dashboard.py is the source; the committed JSON must be its output."""
+    spec = importlib.util.spec_from_file_location("build_dashboard", OBS / "grafana" / "build_dashboard.py")
+    assert spec is not None
+    assert spec.loader is not None
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    assert DASHBOARD.read_text() == builder.render(), "stale JSON: run observability/grafana/build_dashboard.py"
+
+
 # ------------------------------------------------------------------------------------------- the live stack
 @dataclass
 class Prometheus:
@@ -313,7 +324,7 @@ def npy(images: np.ndarray) -> bytes:
 
 def png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buf, format="PNG")
+    Image.fromarray(image).save(buf, format="PNG")  # uint8 (28, 28): grayscale
     return buf.getvalue()
 
 
@@ -512,9 +523,13 @@ def test_every_alert_signal_returns_data_and_rules_evaluate(stack: Stack) -> Non
     )  # fmt: skip
     loaded = {r["name"] for gr in groups for r in gr["rules"]}
     assert loaded == {r["alert"] for r in alert_rules()}
-    # Healthy traffic fires nothing but, with the tiny untrained model, the accuracy alert.
+    # Healthy traffic leaves these alerts silent (the latency and queue-wait ones depend on how loaded the
+    # machine is, and the untrained tiny model's accuracy is low: not asserted).
+    silent = {"MnistTargetDown", "MnistNotReady", "MnistHighErrorRatio", "MnistLoadShedding", "MnistInputDrift"}
+    if stack.model != "tiny":
+        silent.add("MnistAccuracyDrop")
     pending = {a["labels"]["alertname"] for a in stack.prom.get("/api/v1/alerts")["alerts"]}
-    assert pending <= ({"MnistAccuracyDrop"} if stack.model == "tiny" else set()), pending
+    assert not pending & silent, pending
 
 
 @pytest.mark.prometheus

@@ -121,8 +121,12 @@ def panels() -> list[Panel]:
            [target(f"max by (name, version, provider) (mnist_model_info{{{SEL}}} == 1)",
                    "{{name}} v{{version}} on {{provider}}", instant=True)],
            w=8, text_mode="name", color_mode="none")  # fmt: skip
-    g.stat("Uptime", "Seconds since the youngest selected process started.",
-           [target(f"min(mnist_uptime_seconds{{{SEL}}})", "uptime", instant=True)], unit="s")
+    g.stat(
+        "Uptime",
+        "Seconds since the youngest selected process started.",
+        [target(f"min(mnist_uptime_seconds{{{SEL}}})", "uptime", instant=True)],
+        unit="s",
+    )
     g.stat("Requests/s", "API requests per second (every route but /metrics).",
            [target(f'sum(rate(http_requests_total{{{SEL}, route!="/metrics"}}[{RI}]))', "req/s", instant=True)],
            unit="reqps")  # fmt: skip
@@ -155,8 +159,11 @@ def panels() -> list[Panel]:
                  "draining, not_ready), timed out in the queue, cancelled by their caller, or failed in the engine.",
                  [target(f"sum by (reason) (rate(mnist_requests_dropped_total{{{SEL}}}[{RI}]))", "{{reason}}")],
                  unit="reqps", stack=True)  # fmt: skip
-    g.timeseries("Requests in progress", "Requests being served right now, by route.",
-                 [target(f"sum by (route) (http_requests_in_progress{{{SEL}}})", "{{route}}")])
+    g.timeseries(
+        "Requests in progress",
+        "Requests being served right now, by route.",
+        [target(f"sum by (route) (http_requests_in_progress{{{SEL}}})", "{{route}}")],
+    )
 
     g.row("Batching and engine")
     g.add({"type": "heatmap", "title": "Batch size distribution",
@@ -173,8 +180,12 @@ def panels() -> list[Panel]:
                          f"sum(rate(mnist_batch_size_images_count{{{SEL}}}[{RI}]))", "mean"),
                   target(quantile("0.5", "mnist_batch_size_images"), "p50"),
                   target(quantile("0.99", "mnist_batch_size_images"), "p99")])  # fmt: skip
-    g.timeseries("Queue depth", "Images waiting in the batch queue (interactive single images before bulk chunks).",
-                 [target(f"sum by (queue) (mnist_queue_depth_images{{{SEL}}})", "{{queue}}")], stack=True)
+    g.timeseries(
+        "Queue depth",
+        "Images waiting in the batch queue (interactive single images before bulk chunks).",
+        [target(f"sum by (queue) (mnist_queue_depth_images{{{SEL}}})", "{{queue}}")],
+        stack=True,
+    )
     g.timeseries("Queue wait (p50, p99)", "Time from enqueue to the start of the request's engine call "
                  "(MnistQueueWaitHigh fires at p99 > 20 ms).",
                  [target(quantile("0.5", "mnist_queue_wait_seconds"), "p50"),
@@ -188,13 +199,21 @@ def panels() -> list[Panel]:
                          f"sum(rate(mnist_images_processed_total{{{SEL}}}[{RI}]))", "seconds/image")], unit="s")  # fmt: skip
 
     g.row("Infrastructure")
-    g.timeseries("CPU", "CPU used by each process, in cores.",
-                 [target(f"sum by (instance) (rate(process_cpu_seconds_total{{{SEL}}}[{RI}]))", "{{instance}}")], w=6)
+    g.timeseries(
+        "CPU",
+        "CPU used by each process, in cores.",
+        [target(f"sum by (instance) (rate(process_cpu_seconds_total{{{SEL}}}[{RI}]))", "{{instance}}")],
+        w=6,
+    )
     g.timeseries("Resident memory", "Resident set size of each process.",
                  [target(f"sum by (instance) (process_resident_memory_bytes{{{SEL}}})", "{{instance}}")],
                  unit="bytes", w=6)  # fmt: skip
-    g.timeseries("Open file descriptors", "Open file descriptors (sockets included) of each process.",
-                 [target(f"sum by (instance) (process_open_fds{{{SEL}}})", "{{instance}}")], w=6)
+    g.timeseries(
+        "Open file descriptors",
+        "Open file descriptors (sockets included) of each process.",
+        [target(f"sum by (instance) (process_open_fds{{{SEL}}})", "{{instance}}")],
+        w=6,
+    )
     g.timeseries("Python GC", "Garbage collections per second, by generation.",
                  [target(f"sum by (generation) (rate(python_gc_collections_total{{{SEL}}}[{RI}]))",
                          "gen {{generation}}")], w=6)  # fmt: skip
@@ -239,6 +258,10 @@ def panels() -> list[Panel]:
     return g.panels
 
 
+ANNOTATIONS = {"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"}, "enable": True, "hide": True,
+               "iconColor": "rgba(0, 211, 255, 1)", "name": "Annotations & Alerts", "type": "dashboard"}  # fmt: skip
+
+
 def dashboard() -> dict[str, Any]:
     variables = [
         {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
@@ -268,9 +291,7 @@ def dashboard() -> dict[str, Any]:
         "version": 1,
         "time": {"from": "now-15m", "to": "now"},
         "timepicker": {"refresh_intervals": ["5s", "10s", "30s", "1m", "5m"]},
-        "annotations": {"list": [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-                                  "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
-                                  "name": "Annotations & Alerts", "type": "dashboard"}]},  # fmt: skip
+        "annotations": {"list": [ANNOTATIONS]},
         "links": [],
         "templating": {"list": variables},
         "panels": panels(),

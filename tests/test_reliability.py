@@ -1,0 +1,653 @@
+"""Reliability: admission under load, overload, slow clients, SIGTERM drain, disconnects, engine faults, bad
+model files, and the security properties of errors, CORS and admin endpoints.
+
+Every test drives a real ``python -m service.server`` process on 127.0.0.1. Waits are on observable events
+(a metric reaching a value, a socket closing), each bounded by a generous timeout; no assertion is on speed.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from reliability.overload import OverloadConfig
+from reliability.overload import run as run_overload
+from tests.helpers import ROOT, Server, start_server, tiny_onnx, write_model
+
+SENTINEL = 0.5  # a first pixel of exactly 0.5 makes the faulty model fail (never k/255 for an integer k)
+
+
+# ---------------------------------------------------------------------------------------------- test models
+def _model(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], name: str) -> bytes:
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 784])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _linear(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 0.5, (784, 10)).astype(np.float32), rng.normal(0, 0.1, 10).astype(np.float32)
+
+
+def slow_onnx(k: int = 512, rounds: int = 5, seed: int = 0) -> bytes:
+    """softmax(x W + b) plus a fixed k x k matrix chain per batch (whatever its size) that depends on the
+    input, so ONNX Runtime cannot fold it away: a slow engine with the real contract."""
+    w, b = _linear(seed)
+    m = (np.random.default_rng(seed + 1).normal(0, 1, (k, k)) / np.sqrt(k)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["pixels", "W"], ["l0"]),
+        helper.make_node("Add", ["l0", "B"], ["logits0"]),
+        helper.make_node("ReduceSum", ["pixels"], ["s"], keepdims=0),
+        helper.make_node("Mul", ["M", "s"], ["a0"]),
+    ]
+    for i in range(rounds):
+        nodes.append(helper.make_node("MatMul", [f"a{i}", "M"], [f"a{i + 1}"]))
+    nodes += [
+        helper.make_node("ReduceSum", [f"a{rounds}"], ["r"], keepdims=0),
+        helper.make_node("Mul", ["r", "Zero"], ["z"]),
+        helper.make_node("Add", ["logits0", "z"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (b, "B"), (m, "M"))]
+    inits.append(numpy_helper.from_array(np.zeros((), np.float32), "Zero"))
+    return _model(nodes, inits, "slow")
+
+
+def faulty_onnx(seed: int = 0) -> bytes:
+    """softmax(x W + b), except that a batch holding an image whose first pixel is SENTINEL fails at run time:
+    the input is reshaped to [-1, 784 + any(x[:, 0] == SENTINEL)], impossible for 785."""
+    w, b = _linear(seed)
+    nodes = [
+        helper.make_node("Slice", ["pixels", "zero", "one", "one"], ["col0"]),
+        helper.make_node("Equal", ["col0", "sentinel"], ["hit"]),
+        helper.make_node("Cast", ["hit"], ["hit_f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMax", ["hit_f"], ["any_f"], keepdims=0),
+        helper.make_node("Cast", ["any_f"], ["any_i"], to=TensorProto.INT64),
+        helper.make_node("Reshape", ["any_i", "one"], ["any_1"]),
+        helper.make_node("Add", ["features", "any_1"], ["width"]),
+        helper.make_node("Concat", ["minus_one", "width"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["pixels", "shape"], ["x"]),
+        helper.make_node("MatMul", ["x", "W"], ["l0"]),
+        helper.make_node("Add", ["l0", "B"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    ints = {"zero": [0], "one": [1], "features": [784], "minus_one": [-1]}
+    inits = [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in ints.items()]
+    inits += [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
+    inits.append(numpy_helper.from_array(np.array(SENTINEL, np.float32), "sentinel"))
+    return _model(nodes, inits, "faulty")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 30, what: str = "condition") -> None:
+    """Poll an observable condition (a metric, a log line) until it holds; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def metric(server: Server, name: str, labels: str = "") -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else r"(\{\})?") + r" ([0-9.e+-]+)"
+    found = re.search("^" + pattern + "$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def image(seed: int = 0) -> list[float]:
+    return (np.random.default_rng(seed).integers(0, 256, 784) / 255).tolist()
+
+
+def assert_error_shape(resp: httpx.Response, status: int, code: str | None = None) -> dict[str, str]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    err = resp.json()["error"]
+    assert set(err) == {"code", "message", "request_id"}, err
+    if code is not None:
+        assert err["code"] == code, err
+    return dict(err)
+
+
+LEAKS = ("Traceback", 'File "', "/work", "site-packages", ".py", "onnxruntime_src")
+
+
+def assert_no_leak(text: str) -> None:
+    for marker in LEAKS:
+        assert marker not in text, f"{marker!r} leaked in {text[:300]!r}"
+
+
+@pytest.fixture(scope="module")
+def slow_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("slow-models")
+    write_model(repo, "slow", "1", blob=slow_onnx())
+    return repo
+
+
+@pytest.fixture(scope="module")
+def slow_server(slow_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One image per engine call and a short queue: admission is easy to drive."""
+    srv = start_server(slow_repo, tmp_path_factory.mktemp("slow-srv"), "--max-batch-size", "1",
+                       "--max-queue-images", "16")  # fmt: skip
+    yield srv
+    assert srv.terminate() == 0, srv.logs()
+
+
+def _post_many(url: str, n: int, headers: dict[str, str] | None = None) -> list[httpx.Response]:
+    """``n`` concurrent single-image requests, each on its own connection."""
+
+    def one(i: int) -> httpx.Response:
+        with httpx.Client(timeout=60) as c:
+            return c.post(f"{url}/v1/predict", json={"image": image(i)}, headers=headers)
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+# ---------------------------------------------------------------------------------------------- admission
+def test_tight_deadline_is_refused_at_once_when_the_queue_is_deep(slow_server: Server) -> None:
+    with slow_server.client() as c:
+        for i in range(20):  # teach the batcher the engine's cost per image
+            assert c.post("/v1/predict", json={"image": image(i)}).status_code == 200
+        done = threading.Event()
+        backlog: list[httpx.Response] = []
+        filler = threading.Thread(target=lambda: (backlog.extend(_post_many(slow_server.url, 12)), done.set()))
+        filler.start()
+        wait_until(lambda: metric(slow_server, "mnist_queue_depth_images", 'queue="interactive"') >= 6,
+                   what="a deep queue")  # fmt: skip
+        refused = c.post("/v1/predict", json={"image": image(99)}, headers={"X-Request-Deadline-Ms": "5"})
+        answered_before_the_backlog = not done.is_set()
+        generous = c.post("/v1/predict", json={"image": image(98)}, headers={"X-Request-Deadline-Ms": "60000"})
+        filler.join(60)
+    assert_error_shape(refused, 503, "deadline_unmeetable")
+    assert int(refused.headers["retry-after"]) >= 1
+    assert answered_before_the_backlog, "the refusal waited for the queue instead of answering at once"
+    assert generous.status_code == 200
+    assert all(r.status_code == 200 for r in backlog), [r.status_code for r in backlog]
+    assert metric(slow_server, "mnist_requests_dropped_total", 'reason="deadline_unmeetable"') >= 1
+
+
+def test_invalid_deadline_header_is_a_4xx(slow_server: Server) -> None:
+    with slow_server.client() as c:
+        for value in ("abc", "-5", "0", "1e309", "nan"):
+            r = c.post("/v1/predict", json={"image": image()}, headers={"X-Request-Deadline-Ms": value})
+            assert_error_shape(r, 422, "invalid_header")
+
+
+def test_full_queue_refuses_with_retry_after(slow_server: Server) -> None:
+    responses = _post_many(slow_server.url, 48)
+    statuses = Counter(r.status_code for r in responses)
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses[503] >= 1, "48 concurrent requests against a 16-image queue should overflow it"
+    assert statuses[200] >= 16
+    for r in responses:
+        if r.status_code == 503:
+            assert_error_shape(r, 503, "queue_full")
+            assert int(r.headers["retry-after"]) >= 1
+
+
+# ---------------------------------------------------------------------------------------------- overload
+@pytest.mark.slow
+def test_overload_sheds_load_and_recovers(tiny_repo: Path, tmp_path: Path) -> None:
+    """A short version of ``python -m reliability.overload``: functional properties only, never speed."""
+    rep = run_overload(
+        OverloadConfig(tiny_repo, duration_s=6, capacity_s=2, connections=256, probe_rate=20,
+                       recovery_timeout_s=20, server_args=("--max-inflight-requests", "16"), log_dir=tmp_path)
+    )  # fmt: skip
+    print("\n".join(rep.lines()))
+    assert rep.other_5xx == 0, rep.statuses
+    assert set(rep.statuses) <= {"200", "503"}, rep.statuses
+    assert rep.refused > 0, "256 connections against an in-flight limit of 16 must be shed"
+    assert rep.accepted_rps > 0
+    assert set(rep.probe_statuses) <= {"200", "503 too_many_requests", "503 queue_full", "not_sent"}
+    assert set(rep.fresh_statuses) == {"200"}, "liveness on a new connection must be answered under overload"
+    assert rep.rss_max_mb - rep.rss_start_mb < 200, (rep.rss_start_mb, rep.rss_max_mb)
+    assert rep.recovered, "latency did not come back near the baseline after the load stopped"
+    assert rep.exit_code == 0
+
+
+def test_inflight_limit_refuses_at_once_and_spares_probes(slow_repo: Path, tmp_path: Path) -> None:
+    """With the only inference slot taken, inference is refused at once (503, Retry-After, error shape) while
+    health, readiness and metrics still answer; a body still uploading holds no slot."""
+    srv = start_server(slow_repo, tmp_path, "--max-inflight-requests", "1", "--max-batch-size", "1")
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port)) as uploading, srv.client() as c:
+            uploading.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: 100\r\n\r\n{")  # fmt: skip
+            assert c.post("/v1/predict", json={"image": image()}).status_code == 200
+
+            bulk: list[httpx.Response] = []
+            raw = np.random.default_rng(0).integers(0, 256, (64, 784), dtype=np.uint8).tobytes()
+            holder = threading.Thread(target=lambda: bulk.append(
+                httpx.post(f"{srv.url}/v1/predict/batch", content=raw, timeout=60,
+                           headers={"content-type": "application/octet-stream"})))  # fmt: skip
+            holder.start()
+            wait_until(lambda: metric(srv, "mnist_queue_depth_images", 'queue="bulk"') > 0, what="a bulk request")
+            refused = c.post("/v1/predict", json={"image": image()})
+            health = [c.get(p).status_code for p in ("/healthz", "/readyz", "/metrics", "/v1/models")]
+            holder.join(60)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["content-type"] == "application/json"
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "too_many_requests"
+        assert set(refused.json()["error"]) == {"code", "message", "request_id"}
+        assert health == [200, 200, 200, 200]
+        assert bulk[0].status_code == 200
+    finally:
+        assert srv.terminate() == 0, srv.logs()
+
+
+# ---------------------------------------------------------------------------------------------- slow clients
+def _read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
+    """Everything the server sends until it closes the connection (fails if it stays open)."""
+    sock.settimeout(timeout_s)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        raise AssertionError(f"the server kept a slow connection open past {timeout_s} s (got {data[:80]!r})")
+    except ConnectionResetError:
+        pass
+    return data
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(tiny_repo, tmp_path_factory.mktemp("guarded"), "--header-timeout-s", "1",
+                       "--body-timeout-s", "1", "--max-header-bytes", "8192")  # fmt: skip
+    yield srv
+    assert srv.terminate() == 0, srv.logs()
+
+
+def test_slow_clients_cannot_exhaust_the_service(guarded_server: Server) -> None:
+    """Idle connections, headers sent a byte at a time (slowloris) and trickling bodies are all closed by
+    their timeouts, while normal requests keep being answered."""
+    port = guarded_server.port
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+    slow_headers = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+    slow_bodies = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+    stop = threading.Event()
+
+    def trickle() -> None:  # one header byte per connection every 0.1 s: never a complete request
+        for s in slow_headers:
+            s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")
+        while not stop.is_set():
+            for s in slow_headers:
+                try:
+                    s.sendall(b"X")
+                except OSError:
+                    pass
+            stop.wait(0.1)
+
+    for s in slow_bodies:
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 5000\r\n\r\n{\"image\": [")  # fmt: skip
+    feeder = threading.Thread(target=trickle)
+    feeder.start()
+    try:
+        with guarded_server.client() as c:
+            for i in range(20):
+                assert c.post("/v1/predict", json={"image": image(i)}).status_code == 200
+        closed_headers = [_read_until_closed(s, 10) for s in slow_headers]
+        closed_bodies = [_read_until_closed(s, 10) for s in slow_bodies]
+        closed_idle = [_read_until_closed(s, 10) for s in idle]
+    finally:
+        stop.set()
+        feeder.join()
+        for s in idle + slow_headers + slow_bodies:
+            s.close()
+    for data in closed_headers + closed_idle:
+        assert data.startswith(b"HTTP/1.1 408 "), data[:100]
+        assert b'"code":"header_timeout"' in data
+    for data in closed_bodies:  # 400 body_timeout from the route, or closed by the connection's body timer
+        assert data == b"" or (data.startswith(b"HTTP/1.1 400 ") and b'"code":"body_timeout"' in data), data[:100]
+    with guarded_server.client() as c:  # and the service is still fine
+        assert c.post("/v1/predict", json={"image": image()}).status_code == 200
+
+
+def test_a_body_trickling_into_a_route_without_its_own_timeout_is_cut_off(guarded_server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", guarded_server.port)) as s:
+        s.sendall(b"POST /v1/feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 500\r\n\r\n{\"request_id\": ")  # fmt: skip
+        _read_until_closed(s, 10)  # closed by the body timer (the route reads with FastAPI, no timeout)
+
+
+def test_oversized_headers_get_431_and_cost_no_memory(guarded_server: Server) -> None:
+    import psutil
+
+    rss_before = psutil.Process(guarded_server.proc.pid).memory_info().rss
+    with socket.create_connection(("127.0.0.1", guarded_server.port)) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        sent = 0
+        try:
+            for _ in range(4096):  # up to 32 MiB of headers: the server must cut it off long before
+                s.sendall(b"X-Pad: " + b"a" * 8000 + b"\r\n")
+                sent += 8000
+        except OSError:
+            pass
+        data = _read_until_closed(s, 10)
+    assert data.startswith(b"HTTP/1.1 431 "), data[:100]
+    assert b'"code":"headers_too_large"' in data
+    assert sent < 8 * 2**20, "the server kept reading headers past its limit"
+    rss_after = psutil.Process(guarded_server.proc.pid).memory_info().rss
+    assert rss_after - rss_before < 32 * 2**20
+    # One big header line, and a long URL, are refused the same way.
+    for request in (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n",
+                    b"GET /healthz?" + b"q" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"):  # fmt: skip
+        with socket.create_connection(("127.0.0.1", guarded_server.port)) as s:
+            s.sendall(request)
+            assert _read_until_closed(s, 10).startswith(b"HTTP/1.1 431 ")
+
+
+def test_garbage_and_wrong_content_length(guarded_server: Server) -> None:
+    """Not HTTP at all, a non-numeric or negative Content-Length, a body longer than declared (the rest is
+    parsed as the next request), one shorter (then the client hangs up): 4xx in the JSON shape or a clean
+    close, and the service keeps serving."""
+    cases = [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(200),  # a TLS ClientHello on the plain port
+        b"HELLO\r\n\r\n",
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: abc\r\n\r\n{}",
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: -1\r\n\r\n{}",
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n"
+        b"{}GARBAGE GARBAGE\r\n\r\n",
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n{}",
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n0\r\n\r\n",
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ]
+    for raw in cases:
+        with socket.create_connection(("127.0.0.1", guarded_server.port)) as s:
+            s.sendall(raw)
+            data = _read_until_closed(s, 10)
+        statuses = re.findall(rb"^HTTP/1.1 (\d{3}) ", data, re.MULTILINE)
+        assert statuses, (raw[:60], data[:200])
+        assert all(400 <= int(st) < 500 for st in statuses), (raw[:60], data[:300])
+        assert_no_leak(data.decode("latin-1"))
+    with socket.create_connection(("127.0.0.1", guarded_server.port)) as s:  # declared 5000, sent 10, hung up
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 5000\r\n\r\n{\"image\":[")  # fmt: skip
+    with guarded_server.client() as c:
+        assert c.post("/v1/predict", json={"image": image()}).status_code == 200
+    assert "unhandled error" not in guarded_server.logs()
+
+
+# ---------------------------------------------------------------------------------------------- SIGTERM drain
+class KeepAliveClient(threading.Thread):
+    """Sends requests back to back on one persistent ``http.client`` connection, reconnecting after a
+    ``Connection: close``. Counts what was sent and what was answered: a request whose bytes were written
+    and that got no response (reset, closed without an answer) is *lost*; a refused connect is not (the
+    request never reached the server), and ends the client."""
+
+    def __init__(self, port: int, body: bytes, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.port, self.body, self.stop = port, body, stop
+        self.sent = self.answered = 0
+        self.lost: list[str] = []
+        self.statuses: Counter[str] = Counter()
+
+    def run(self) -> None:
+        conn: http.client.HTTPConnection | None = None
+        headers = {"Content-Type": "application/json"}
+        while not self.stop.is_set():
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                try:
+                    conn.connect()
+                except ConnectionRefusedError:
+                    return  # the listener is closed: nothing more can reach the server
+            try:
+                conn.request("POST", "/v1/predict", body=self.body, headers=headers)
+            except OSError as exc:  # written into a connection the server had closed: the keep-alive race
+                self.sent += 1
+                self.lost.append(f"send: {exc!r}")
+                conn.close()
+                conn = None
+                continue
+            self.sent += 1
+            try:
+                resp = conn.getresponse()
+                data = resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                self.lost.append(f"response: {exc!r}")
+                conn.close()
+                conn = None
+                continue
+            self.answered += 1
+            code = json.loads(data)["error"]["code"] if resp.status != 200 else ""
+            self.statuses[f"{resp.status} {code}".strip()] += 1
+            if resp.will_close:
+                conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_sigterm_under_keepalive_load_loses_no_request(tiny_repo: Path, tmp_path: Path, event_loop: str) -> None:
+    srv = start_server(tiny_repo, tmp_path, "--drain-timeout-s", "15", "--event-loop", event_loop)
+    body = json.dumps({"image": image()}).encode()
+    stop = threading.Event()
+    clients = [KeepAliveClient(srv.port, body, stop) for _ in range(32)]
+    readiness: list[str] = []
+
+    def watch_readiness() -> None:  # its own kept-alive connection, polling /readyz
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        while not stop.is_set():
+            try:
+                conn.request("GET", "/readyz")
+                resp = conn.getresponse()
+                doc = json.loads(resp.read())
+                readiness.append(f"{resp.status} {doc['status'] if resp.status == 200 else doc['error']['code']}")
+                if resp.will_close:
+                    return
+            except OSError:
+                return
+            stop.wait(0.005)
+
+    watcher = threading.Thread(target=watch_readiness, daemon=True)
+    try:
+        for c in clients:
+            c.start()
+        watcher.start()
+        wait_until(lambda: sum(c.answered for c in clients) >= 1000, what="1000 answered requests")
+        signalled = time.monotonic()
+        srv.proc.send_signal(15)
+        code = srv.proc.wait(timeout=30)
+        exit_s = time.monotonic() - signalled
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(30)
+        watcher.join(10)
+        if srv.proc.poll() is None:
+            srv.terminate()
+    lost = [x for c in clients for x in c.lost]
+    sent, answered = sum(c.sent for c in clients), sum(c.answered for c in clients)
+    statuses = sum((c.statuses for c in clients), Counter())
+    print(f"{event_loop}: sent {sent}, answered {answered}, lost {len(lost)}, statuses {dict(statuses)}, "
+          f"exit after {exit_s:.2f} s")  # fmt: skip
+    assert code == 0, srv.logs()
+    assert not lost, lost[:5]
+    assert sent == answered
+    assert set(statuses) <= {"200", "503 draining"}, statuses
+    assert readiness[0] == "200 ready" and readiness[-1] == "503 draining", readiness[-3:]
+    assert "drain timeout" not in srv.logs()
+    assert exit_s < 15, "the process outlived its grace period"
+
+
+def test_drain_grace_period_bounds_a_client_that_never_finishes(tiny_repo: Path, tmp_path: Path) -> None:
+    """A connection stuck mid-request (headers never complete) cannot hold the process past its grace period."""
+    srv = start_server(tiny_repo, tmp_path, "--drain-timeout-s", "2", "--header-timeout-s", "60")
+    with socket.create_connection(("127.0.0.1", srv.port)) as stuck:
+        stuck.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")
+        signalled = time.monotonic()
+        code = srv.terminate(timeout=30)
+        exit_s = time.monotonic() - signalled
+    assert code == 0, srv.logs()
+    assert exit_s < 10, exit_s
+    assert "drain timeout: closing the remaining connections" in srv.logs()
+
+
+# ---------------------------------------------------------------------------------------------- faults
+def test_a_client_that_disconnects_while_queued_is_dropped(slow_server: Server) -> None:
+    processed = metric(slow_server, "mnist_images_processed_total", 'model="slow",version="1"')
+    cancelled = metric(slow_server, "mnist_requests_dropped_total", 'reason="cancelled"')
+    done = threading.Event()
+    backlog: list[httpx.Response] = []
+    filler = threading.Thread(target=lambda: (backlog.extend(_post_many(slow_server.url, 8)), done.set()))
+    filler.start()
+    wait_until(lambda: metric(slow_server, "mnist_queue_depth_images", 'queue="interactive"') >= 4, what="a queue")
+    body = json.dumps({"image": image(7)}).encode()
+    with socket.create_connection(("127.0.0.1", slow_server.port)) as s:
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+        wait_until(lambda: metric(slow_server, "mnist_queue_depth_images", 'queue="interactive"') >= 5,
+                   what="the request to be queued")  # fmt: skip
+    # the client is gone; its item must be dropped before compute, and everyone else served
+    wait_until(lambda: metric(slow_server, "mnist_requests_dropped_total", 'reason="cancelled"') > cancelled,
+               what="the cancelled counter")  # fmt: skip
+    filler.join(60)
+    with slow_server.client() as c:
+        after = c.post("/v1/predict", json={"image": image(8)})
+    assert after.status_code == 200
+    assert [r.status_code for r in backlog] == [200] * 8
+    # 8 backlog images + the one after: the abandoned image never reached the engine
+    assert metric(slow_server, "mnist_images_processed_total", 'model="slow",version="1"') == processed + 9
+
+
+@pytest.fixture(scope="module")
+def faulty_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    repo = tmp_path_factory.mktemp("faulty-models")
+    write_model(repo, "faulty", "1", blob=faulty_onnx())
+    srv = start_server(repo, tmp_path_factory.mktemp("faulty-srv"))
+    yield srv
+    assert srv.terminate() == 0, srv.logs()
+
+
+def test_an_engine_error_fails_only_its_batch_and_is_logged_once(faulty_server: Server) -> None:
+    poisoned = image(3)
+    poisoned[0] = SENTINEL
+    with faulty_server.client() as c:
+        assert c.post("/v1/predict", json={"image": image(1)}).status_code == 200
+        failed = c.post("/v1/predict", json={"image": poisoned})
+        after = [c.post("/v1/predict", json={"image": image(i)}).status_code for i in range(5)]
+        batch = c.post("/v1/predict/batch", json={"images": [image(4), image(5)]})
+    err = assert_error_shape(failed, 500, "inference_failed")
+    error_id = re.fullmatch(r"inference failed \(error id ([0-9a-f]{12})\)", err["message"])
+    assert error_id, err["message"]
+    assert_no_leak(failed.text)
+    assert after == [200] * 5
+    assert batch.status_code == 200
+    records = [json.loads(line) for line in faulty_server.logs().splitlines() if line.startswith("{")]
+    errors = [r for r in records if r["level"] == "error"]
+    assert len(errors) == 1, errors
+    assert errors[0]["error_id"] == error_id.group(1)
+    assert "Reshape" in errors[0]["exception"]  # the cause is in the log, not in the response
+    assert metric(faulty_server, "mnist_requests_dropped_total", 'reason="engine_error"') == 1
+
+
+def test_an_engine_error_in_a_shared_batch_fails_all_its_callers_only(faulty_server: Server) -> None:
+    """Concurrent requests share engine calls: the poisoned one fails its whole batch (500 each), the
+    service keeps serving; no caller gets anything but 200 or 500 inference_failed."""
+    poisoned = image(3)
+    poisoned[0] = SENTINEL
+
+    def one(i: int) -> httpx.Response:
+        with httpx.Client(timeout=30) as c:
+            return c.post(f"{faulty_server.url}/v1/predict", json={"image": poisoned if i == 8 else image(i)})
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(one, range(16)))
+    assert responses[8].status_code == 500
+    for r in responses:
+        assert r.status_code in (200, 500)
+        if r.status_code == 500:
+            assert_error_shape(r, 500, "inference_failed")
+    with faulty_server.client() as c:
+        assert c.post("/v1/predict", json={"image": image(9)}).status_code == 200
+
+
+def _start_and_fail(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.server", "--model-repository", str(repo), "--port", "0", *args],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("no_repository", "does not exist"),
+        ("empty_file", "not a loadable ONNX model"),
+        ("model_file_missing", "cannot be read"),
+        ("model_is_a_folder", "cannot be read"),
+        ("sha256_mismatch", "does not match metadata"),
+        ("metadata_not_json", "unreadable metadata"),
+        ("metadata_missing", "no metadata.json"),
+        ("wrong_classes", "does not match 10 class labels"),
+        ("unknown_version", "has no version 7"),
+    ],
+)
+def test_a_bad_model_stops_the_start_with_a_clear_message(tmp_path: Path, setup: str, message: str) -> None:
+    repo = tmp_path / "repo"
+    args: tuple[str, ...] = ()
+    if setup != "no_repository":
+        folder = write_model(repo, "m", "1")
+        meta = json.loads((folder / "metadata.json").read_text())
+    if setup == "empty_file":
+        (folder / "model.onnx").write_bytes(b"")
+        meta["sha256"] = ""
+    elif setup == "model_file_missing":
+        (folder / "model.onnx").unlink()
+    elif setup == "model_is_a_folder":
+        (folder / "model.onnx").unlink()
+        (folder / "model.onnx").mkdir()
+    elif setup == "sha256_mismatch":
+        meta["sha256"] = "0" * 64
+    elif setup == "wrong_classes":
+        write_model(repo, "m", "1", blob=tiny_onnx(0, classes=7))
+        meta = json.loads((folder / "metadata.json").read_text())
+    elif setup == "unknown_version":
+        args = ("--model-version", "7")
+    if setup not in ("no_repository", "metadata_not_json", "metadata_missing"):
+        (folder / "metadata.json").write_text(json.dumps(meta))
+    if setup == "metadata_not_json":
+        (folder / "metadata.json").write_text("{not json")
+    elif setup == "metadata_missing":
+        (folder / "metadata.json").unlink()
+    proc = _start_and_fail(repo, *args)
+    assert proc.returncode != 0, proc.stdout
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_invalid_settings_stop_the_start(tmp_path: Path) -> None:
+    proc = _start_and_fail(tmp_path, "--max-header-bytes", "10")
+    assert proc.returncode == 2
+    assert "max_header_bytes" in proc.stderr
+    assert "Traceback" not in proc.stderr
