@@ -6,7 +6,9 @@ same ONNX Runtime session options (intra-op threads, no spinning):
   (the lab report's Flask service, written in FastAPI);
 - ``careful``: raw body + orjson + the same validation as the service + one ``session.run`` per request;
 - ``ceiling``: reads the same body and returns a canned answer (no parsing, no model): the most this
-  framework and server can do on this machine.
+  framework and server can do on this machine;
+- ``asgi``: the same canned answer from a bare ASGI callable (no FastAPI/Starlette at all): what uvicorn
+  alone costs, i.e. how much of the ceiling is the framework (informational, not a target).
 
 Run one: ``python -m bench.baselines --kind careful --model models/mnist-mlp/1 --port 8101``.
 """
@@ -17,7 +19,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -28,8 +30,8 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
-Kind = Literal["classic", "careful", "ceiling"]
-KINDS: tuple[Kind, ...] = ("classic", "careful", "ceiling")
+Kind = Literal["classic", "careful", "ceiling", "asgi"]
+KINDS: tuple[Kind, ...] = ("classic", "careful", "ceiling", "asgi")
 _JSON = "application/json"
 
 
@@ -127,15 +129,44 @@ def ceiling_app() -> FastAPI:
     return app
 
 
-def create_app(kind: Kind, model_file: Path | None, intra_op_threads: int = 1) -> FastAPI:
+async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Canned answers with no framework: drain the body, answer 200 (or the readiness JSON)."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    body = b'{"status":"ready"}' if scope["path"] == "/readyz" else CANNED
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(kind: Kind, model_file: Path | None, intra_op_threads: int = 1) -> Any:
     if kind == "ceiling":
         return ceiling_app()
+    if kind == "asgi":
+        return asgi_app
     if model_file is None:
         raise ValueError(f"--model is required for {kind}")
     return classic_app(model_file, intra_op_threads) if kind == "classic" else careful_app(model_file, intra_op_threads)
 
 
-def serve(app: FastAPI, host: str, port: int) -> None:
+def serve(app: Any, host: str, port: int) -> None:
     """The service's uvicorn settings (service/server.py), so only the application code differs."""
     config = uvicorn.Config(
         app,

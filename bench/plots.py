@@ -11,8 +11,8 @@ import matplotlib.pyplot as plt
 
 from bench.report import Point
 
-_DESIGNS = ("service", "careful", "classic", "ceiling")
-_COLORS = {"service": "tab:blue", "careful": "tab:orange", "classic": "tab:red", "ceiling": "tab:gray"}
+_DESIGNS = ("service", "careful", "classic", "ceiling", "asgi")
+_COLORS = {"service": "tab:blue", "careful": "tab:orange", "classic": "tab:red", "ceiling": "tab:gray", "asgi": "k"}
 
 
 def _series(points: list[Point], design: str, workload: str) -> list[Point]:
@@ -27,7 +27,7 @@ def throughput_vs_concurrency(points: list[Point], path: Path, title: str) -> No
             ax.plot(
                 [p.concurrency for p in s],
                 [p.rps for p in s],
-                "o--" if design == "ceiling" else "o-",
+                "o--" if design in ("ceiling", "asgi") else "o-",
                 color=_COLORS[design],
                 label=f"{design} (JSON)",
             )
@@ -47,7 +47,7 @@ def throughput_vs_concurrency(points: list[Point], path: Path, title: str) -> No
 
 def latency_vs_throughput(points: list[Point], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for design in _DESIGNS:
+    for design in _DESIGNS[:4]:  # the bare-ASGI line would squash the others
         s = _series(points, design, "json")
         if not s:
             continue

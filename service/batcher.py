@@ -293,17 +293,20 @@ class Batcher:
             if not it.future.done():
                 it.future.set_result(BatchResult(probs[row : row + k], model, start - it.enqueued, seconds, n))
             row += k
+        if self._observer is not None:  # quality statistics: after the callers have their results
+            loop.run_in_executor(self._executor, self._observe, model, x, probs)
 
     def _infer(self, model: Model, x: np.ndarray) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         probs = model.run(x)
-        seconds = time.perf_counter() - t0
-        if self._observer is not None:
-            try:
-                self._observer(model, x, probs)
-            except Exception:
-                log.exception("batch observer failed")
-        return probs, seconds
+        return probs, time.perf_counter() - t0
+
+    def _observe(self, model: Model, x: np.ndarray, probs: np.ndarray) -> None:
+        assert self._observer is not None
+        try:
+            self._observer(model, x, probs)
+        except Exception:
+            log.exception("batch observer failed")
 
 
 def _on_disconnect(watcher: asyncio.Future[MutableMapping[str, Any]], fut: asyncio.Future[BatchResult]) -> None:

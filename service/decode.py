@@ -7,6 +7,7 @@ shape, dtype, count, finiteness and range here and raises an ``InvalidInput`` na
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from typing import Any
 
@@ -123,6 +124,12 @@ def png_image(body: bytes, features: int, image_shape: tuple[int, int], max_pixe
     return gray.reshape(1, features).astype(np.float32) * np.float32(scale)
 
 
+def _safe(exc: BaseException, limit: int = 200) -> str:
+    """An exception's text fit for a client: no object reprs (they show memory addresses), bounded length."""
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<expression>", str(exc))
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def npy_images(body: bytes, features: int, image_shape: tuple[int, int], max_images: int, scale: float) -> np.ndarray:
     """A NumPy .npy file, (N, h, w) or (N, features), uint8 (0-255) or float32 ([0, 1]). Never unpickles."""
     stream = io.BytesIO(body)
@@ -135,7 +142,7 @@ def npy_images(body: bytes, features: int, image_shape: tuple[int, int], max_ima
         else:
             raise ValueError(f"unsupported .npy version {version}")
     except (ValueError, EOFError, SyntaxError, TypeError) as exc:
-        raise MalformedBody(f"malformed .npy: {exc}", code="malformed_npy") from exc
+        raise MalformedBody(f"malformed .npy: {_safe(exc)}", code="malformed_npy") from exc
     if dtype.hasobject or dtype not in (np.dtype(np.uint8), np.dtype("<f4")):
         raise InvalidInput(f".npy dtype must be uint8 or float32 (little-endian), got {dtype}", code="invalid_type")
     if len(shape) not in (2, 3) or tuple(shape[1:]) not in ((features,), image_shape):

@@ -275,4 +275,6 @@ async def models(request: Request) -> dict[str, object]:
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # Rendering takes a few ms: off the event loop, so a scrape never stalls predictions.
+    body = await asyncio.to_thread(generate_latest, state_of(request).metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

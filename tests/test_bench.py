@@ -75,7 +75,7 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path) -> None:
 
     points = result["points"]
     seen = {(p["design"], p["workload"]) for p in points}
-    for design in ("service", "classic", "careful", "ceiling", "service+accesslog"):
+    for design in ("service", "classic", "careful", "ceiling", "asgi", "service+accesslog"):
         assert (design, "json") in seen, design
     assert {("service", "png"), ("service", "bulk-raw-256"), ("service", "bulk-json-64")} <= seen
     for p in points:

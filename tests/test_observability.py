@@ -623,7 +623,7 @@ def test_drift_crosses_the_alert_threshold_only_for_drifted_digits(stack: Stack)
         fill(x[DRIFT_WINDOW : 2 * DRIFT_WINDOW] if len(x) >= 2 * DRIFT_WINDOW else x)
         recovered = drift_scores(stack.server)
         assert all(v < threshold for v in recovered.values()), recovered
-    print(f"\ndrift PSI (threshold {threshold}): normal {normal}, inverted {inverted}, shifted 4px {shifted}, "
+    print(f"\ndrift PSI, model {stack.model} (threshold {threshold}): normal {normal}, inverted {inverted}, shifted 4px {shifted}, "
           f"normal again {recovered}")  # fmt: skip
 
 
@@ -647,7 +647,7 @@ def test_monitoring_stack_script_runs_service_and_prometheus(tmp_path: Path) -> 
             assert proc.poll() is None, log.read_text()
             try:
                 return bool(prom.query(f'up{{job="{scrape_job()}"}} == 1'))
-            except (httpx.HTTPError, AssertionError):
+            except (httpx.HTTPError, AssertionError, ValueError):  # not up yet: refused, 503 text, not ready
                 return False
 
         wait_for("the script's Prometheus to scrape the service", target_up, 90)

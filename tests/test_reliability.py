@@ -133,7 +133,7 @@ def assert_error_shape(resp: httpx.Response, status: int, code: str | None = Non
     return dict(err)
 
 
-LEAKS = ("Traceback", 'File "', "/work", "site-packages", ".py", "onnxruntime_src")
+LEAKS = ("Traceback", 'File "', "/work", "site-packages", ".py", "onnxruntime_src", " at 0x")
 
 
 def assert_no_leak(text: str) -> None:
@@ -514,30 +514,35 @@ def test_drain_grace_period_bounds_a_client_that_never_finishes(tiny_repo: Path,
 
 
 # ---------------------------------------------------------------------------------------------- faults
-def test_a_client_that_disconnects_while_queued_is_dropped(slow_server: Server) -> None:
-    processed = metric(slow_server, "mnist_images_processed_total", 'model="slow",version="1"')
-    cancelled = metric(slow_server, "mnist_requests_dropped_total", 'reason="cancelled"')
-    done = threading.Event()
-    backlog: list[httpx.Response] = []
-    filler = threading.Thread(target=lambda: (backlog.extend(_post_many(slow_server.url, 8)), done.set()))
-    filler.start()
-    wait_until(lambda: metric(slow_server, "mnist_queue_depth_images", 'queue="interactive"') >= 4, what="a queue")
-    body = json.dumps({"image": image(7)}).encode()
-    with socket.create_connection(("127.0.0.1", slow_server.port)) as s:
-        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
-        wait_until(lambda: metric(slow_server, "mnist_queue_depth_images", 'queue="interactive"') >= 5,
-                   what="the request to be queued")  # fmt: skip
-    # the client is gone; its item must be dropped before compute, and everyone else served
-    wait_until(lambda: metric(slow_server, "mnist_requests_dropped_total", 'reason="cancelled"') > cancelled,
-               what="the cancelled counter")  # fmt: skip
-    filler.join(60)
-    with slow_server.client() as c:
-        after = c.post("/v1/predict", json={"image": image(8)})
-    assert after.status_code == 200
-    assert [r.status_code for r in backlog] == [200] * 8
-    # 8 backlog images + the one after: the abandoned image never reached the engine
-    assert metric(slow_server, "mnist_images_processed_total", 'model="slow",version="1"') == processed + 9
+def test_a_client_that_disconnects_while_queued_is_dropped(tmp_path: Path) -> None:
+    """The engine is held by one long batch; a second request waits in the queue, its client hangs up: the
+    item is dropped before compute (counted as cancelled) and the batcher goes on serving."""
+    repo = tmp_path / "repo"
+    write_model(repo, "slower", "1", blob=slow_onnx(k=1024, rounds=16))  # about a second per engine call
+    srv = start_server(repo, tmp_path, "--max-batch-size", "1")
+    try:
+        processed = metric(srv, "mnist_images_processed_total", 'model="slower",version="1"')
+        holder = ThreadPoolExecutor(1)
+        first = holder.submit(lambda: httpx.post(f"{srv.url}/v1/predict", json={"image": image(1)}, timeout=60))
+        wait_until(lambda: metric(srv, "http_requests_in_progress", 'route="/v1/predict"') >= 1,
+                   what="a running request")  # fmt: skip
+        body = json.dumps({"image": image(7)}).encode()
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+            wait_until(lambda: metric(srv, "mnist_queue_depth_images", 'queue="interactive"') == 1,
+                       what="the request to be queued behind the running batch")  # fmt: skip
+        wait_until(lambda: metric(srv, "mnist_requests_dropped_total", 'reason="cancelled"') == 1,
+                   what="the cancelled counter")  # fmt: skip
+        assert first.result(60).status_code == 200
+        holder.shutdown()
+        with srv.client() as c:
+            assert c.post("/v1/predict", json={"image": image(8)}).status_code == 200
+        # the first image and the one after: the abandoned image never reached the engine
+        assert metric(srv, "mnist_images_processed_total", 'model="slower",version="1"') == processed + 2
+        assert metric(srv, "http_requests_total", 'method="POST",route="/v1/predict",status="499"') == 1
+    finally:
+        assert srv.terminate() == 0, srv.logs()
 
 
 @pytest.fixture(scope="module")
@@ -651,3 +656,181 @@ def test_invalid_settings_stop_the_start(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "max_header_bytes" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- security
+def _npy_header(descr: str, shape: str, fortran: str = "False") -> bytes:
+    header = f"{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape}, }}".encode()
+    header += b" " * (63 - (len(header) + 10) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+
+
+HOSTILE_REQUESTS: list[tuple[str, str, dict[str, str], bytes]] = [
+    ("POST", "/v1/predict", {"content-type": "application/json"}, b'{"image": [0.1, '),
+    ("POST", "/v1/predict", {"content-type": "application/json"}, b"\xff\xfe\x00garbage"),
+    ("POST", "/v1/predict", {"content-type": "application/json"}, b'{"image": [1e309]}'),
+    ("POST", "/v1/predict", {"content-type": "application/json"}, b"[" * 100_000 + b"]" * 100_000),
+    ("POST", "/v1/predict", {"content-type": "application/json"}, b'{"image": ' + b"9" * 5000 + b"}"),
+    ("POST", "/v1/predict", {"content-type": "application/json"}, b'{"image": "/etc/passwd"}'),
+    ("POST", "/v1/predict", {"content-type": "image/png"}, b"\x89PNG\r\n\x1a\n" + b"\x00" * 100),
+    ("POST", "/v1/predict", {"content-type": "multipart/form-data; boundary=x"}, b"--x\r\nbroken"),
+    ("POST", "/v1/predict", {"content-type": "text/x-python"}, b"import os"),
+    ("POST", "/v1/predict/batch", {"content-type": "application/x-npy"}, _npy_header("|O", "(1, 784)") + b"\x80\x04"),
+    ("POST", "/v1/predict/batch", {"content-type": "application/x-npy"}, _npy_header("<f8", "(10**12, 784)")),
+    ("POST", "/v1/predict/batch", {"content-type": "application/x-npy"}, b"\x93NUMPY\x09\x00junk"),
+    ("POST", "/v1/predict/batch", {"content-type": "application/octet-stream"}, b"\x01" * 785),
+    ("POST", "/v1/feedback", {"content-type": "application/json"}, b'{"request_id": "x", "label": 99}'),
+    ("POST", "/v1/feedback", {"content-type": "application/json"}, b"\xff"),
+    ("POST", "/v2/models/nope/infer", {"content-type": "application/json"}, b"{}"),
+    ("POST", "/v2/models/tiny/infer", {"content-type": "application/json"}, b'{"inputs": [{"name": 1}]}'),
+    ("GET", "/v1/predict", {}, b""),
+    ("GET", "/admin/models", {"authorization": "Bearer guess"}, b""),
+    ("DELETE", "/v1/models", {}, b""),
+]
+
+
+@pytest.fixture(scope="module")
+def default_server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The service with its default settings (no admin token, no CORS origins)."""
+    srv = start_server(tiny_repo, tmp_path_factory.mktemp("default-srv"))
+    yield srv
+    assert srv.terminate() == 0, srv.logs()
+
+
+@pytest.mark.parametrize(("method", "path", "headers", "body"), HOSTILE_REQUESTS)
+def test_hostile_requests_get_a_4xx_that_leaks_nothing(
+    default_server: Server, method: str, path: str, headers: dict[str, str], body: bytes
+) -> None:
+    with default_server.client() as c:
+        r = c.request(method, path, headers=headers, content=body)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    assert_no_leak(r.text)
+    assert_no_leak(str(r.headers))
+    if not path.startswith("/v2"):  # the v2 protocol has its own error shape, {"error": "message"}
+        assert set(r.json()["error"]) == {"code", "message", "request_id"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/../../etc/passwd", "/static/../service/app.py", "/static/..%2f..%2fservice%2fapp.py",
+     "/static/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/static/..%5c..%5cservice%5capp.py", "/static/app.js%00.py"],
+)  # fmt: skip
+def test_no_path_escapes_the_static_assets(default_server: Server, path: str) -> None:
+    with socket.create_connection(("127.0.0.1", default_server.port)) as s:  # raw: no client-side normalising
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = _read_until_closed(s, 10)
+    assert data.startswith(b"HTTP/1.1 404 "), data[:200]
+    assert b"root:" not in data and b"import " not in data
+
+
+def test_no_error_in_the_log_after_hostile_requests(default_server: Server) -> None:
+    """Hostile input is the client's problem: no error-level log line (an error would page someone)."""
+    records = [json.loads(line) for line in default_server.logs().splitlines() if line.startswith("{")]
+    assert not [r for r in records if r["level"] in ("error", "critical")]
+
+
+def test_declared_oversized_body_is_refused_before_it_is_sent(default_server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", default_server.port)) as s:
+        s.sendall(b"POST /v1/predict/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                  b"Content-Length: 1000000000\r\n\r\n")  # fmt: skip
+        s.settimeout(10)
+        head = s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 413 "), head[:100]
+    chunked = b"".join(b"%x\r\n%s\r\n" % (2**20, b"\x00" * 2**20) for _ in range(20)) + b"0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", default_server.port)) as s:
+        s.sendall(b"POST /v1/predict/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        try:
+            s.sendall(chunked)
+        except OSError:
+            pass  # the server may answer and close before all 20 MiB are in
+        s.settimeout(10)
+        head = s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 413 "), head[:100]
+
+
+def test_cors_is_off_by_default(default_server: Server) -> None:
+    origin = {"origin": "https://evil.example"}
+    with default_server.client() as c:
+        get = c.get("/healthz", headers=origin)
+        pre = c.options("/v1/predict", headers={**origin, "access-control-request-method": "POST"})
+    assert "access-control-allow-origin" not in get.headers
+    assert "access-control-allow-origin" not in pre.headers
+
+
+def test_cors_allows_only_the_configured_origins(tiny_repo: Path, tmp_path: Path) -> None:
+    srv = start_server(tiny_repo, tmp_path, env={"MNIST_CORS_ORIGINS": '["https://app.example"]'})
+    try:
+        with srv.client() as c:
+            good = c.get("/healthz", headers={"origin": "https://app.example"})
+            bad = c.get("/healthz", headers={"origin": "https://evil.example"})
+            pre = c.options("/v1/predict", headers={"origin": "https://app.example",
+                                                    "access-control-request-method": "POST"})  # fmt: skip
+            predict = c.post("/v1/predict", json={"image": image()}, headers={"origin": "https://app.example"})
+    finally:
+        assert srv.terminate() == 0
+    assert good.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in bad.headers
+    assert pre.status_code == 200
+    assert pre.headers["access-control-allow-origin"] == "https://app.example"
+    assert predict.status_code == 200
+    assert predict.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def _admin_operations(server: Server) -> list[tuple[str, str]]:
+    doc = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+    ops = []
+    for path, item in doc["paths"].items():
+        for method in item:
+            if method in ("get", "post", "put", "patch", "delete"):
+                concrete = re.sub(r"\{[^}]+\}", "1", path)
+                ops.append((method.upper(), concrete))
+    return ops
+
+
+def test_no_state_changing_endpoint_is_open_without_a_token(default_server: Server, tiny_repo: Path,
+                                                            tmp_path: Path) -> None:  # fmt: skip
+    """Every operation of the API that is not inference, feedback or read-only metadata is refused without
+    the admin token: 404 when no token is configured, 401 with a wrong one."""
+    public_posts = {"/v1/predict", "/v1/predict/batch", "/v1/feedback", "/v2/repository/index"}
+    ops = [(m, p) for m, p in _admin_operations(default_server)
+           if m != "GET" and p not in public_posts and not p.endswith("/infer")]  # fmt: skip
+    ops += [(m, p) for m, p in _admin_operations(default_server) if p.startswith("/admin")]
+    assert ops, "no admin operation found in the OpenAPI document"
+    assert all(p.startswith("/admin") for _, p in ops), ops
+    with default_server.client() as c:
+        for method, path in ops:
+            assert c.request(method, path).status_code == 404, (method, path)
+    srv = start_server(tiny_repo, tmp_path, env={"MNIST_ADMIN_TOKEN": "s3cret-token"})
+    try:
+        with srv.client() as c:
+            for method, path in ops:
+                missing = c.request(method, path)
+                wrong = c.request(method, path, headers={"authorization": "Bearer s3cret-tokeX"})
+                assert missing.status_code == 401, (method, path, missing.text)
+                assert wrong.status_code == 401, (method, path, wrong.text)
+                assert missing.headers["www-authenticate"].startswith("Bearer")
+                assert "s3cret" not in missing.text + wrong.text
+            assert c.get("/admin/models", headers={"authorization": "Bearer s3cret-token"}).status_code == 200
+    finally:
+        assert srv.terminate() == 0
+    assert "s3cret-token" not in srv.logs()
+
+
+def test_limits_are_settings_with_safe_defaults() -> None:
+    from service.settings import Settings, build_parser
+
+    s = Settings()
+    assert s.host == "127.0.0.1"  # nothing listens beyond the machine unless asked (containers set 0.0.0.0)
+    assert 0 < s.max_body_bytes <= 64 * 2**20
+    assert 0 < s.max_images_per_request <= 65536
+    assert 0 < s.max_png_pixels <= 2**26
+    assert 0 < s.max_header_bytes <= 64 * 2**10
+    assert 0 < s.header_timeout_s <= 60 and 0 < s.body_timeout_s <= 60 and 0 < s.request_timeout_s <= 60
+    assert 0 < s.max_inflight_requests and 0 < s.max_queue_images
+    assert s.admin_token is None and s.cors_origins == []
+    help_text = build_parser().format_help()
+    for flag in ("--max-body-bytes", "--max-images-per-request", "--max-header-bytes", "--request-timeout-s",
+                 "--header-timeout-s", "--body-timeout-s", "--max-inflight-requests", "--admin-token",
+                 "--cors-origins"):  # fmt: skip
+        assert flag in help_text
