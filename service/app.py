@@ -222,7 +222,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 async def _warm_up(svc: ServiceState) -> None:
     try:
         for model in svc.registry.models:
-            sizes = await asyncio.to_thread(model.warm_up, svc.settings.max_batch_size)
+            sizes = await asyncio.to_thread(model.warm_up, svc.batcher.largest_batch)
             log.info("warmed up", extra={"model": model.name, "version": model.version, "batch_sizes": sizes})
     except Exception:
         log.exception("warm-up failed; the service stays not ready")
@@ -251,6 +251,9 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
             request_timeout_s=settings.request_timeout_s,
             metrics=metrics,
             observer=quality.record_batch,
+            bulk_chunk_images=settings.bulk_chunk_images,
+            max_bulk_queue_images=settings.max_bulk_queue_images,
+            pipeline_depth=settings.pipeline_depth,
         )
         svc = ServiceState(settings, reg, metrics, quality, batcher)
         svc.access_log = AccessLog() if settings.access_log else None

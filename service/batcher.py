@@ -60,6 +60,8 @@ class _Item:
     enqueued: float
     bulk: bool
     timer: asyncio.TimerHandle | None = field(default=None)
+    #: uvicorn's per-request cycle (has ``.disconnected``): polled when the batch forms, no task per request.
+    conn: Any = field(default=None)
 
 
 class Batcher:
@@ -72,11 +74,17 @@ class Batcher:
         request_timeout_s: float,
         metrics: Metrics,
         observer: BatchObserver | None = None,
+        bulk_chunk_images: int | None = None,
+        max_bulk_queue_images: int | None = None,
+        pipeline_depth: int = 2,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
         self.request_timeout_s = request_timeout_s
+        self.bulk_chunk_images = bulk_chunk_images or max_batch_size
+        self._limits = (max_queue_images, max_bulk_queue_images or max_queue_images)
+        self.pipeline_depth = pipeline_depth
         self._metrics = metrics
         self._observer = observer
         self._queues: tuple[deque[_Item], deque[_Item]] = (deque(), deque())  # interactive, bulk
@@ -84,11 +92,17 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
-        self._busy = False
+        self._inflight = 0  # engine calls submitted and not finished (at most pipeline_depth)
+        self._slot = asyncio.Event()
         self._accepting = True
         # Measured engine cost (exponentially weighted), for Retry-After and deadline-aware admission.
         self._sec_per_image = 2e-5
         self._last_batch_s = 0.0
+
+    @property
+    def largest_batch(self) -> int:
+        """The most images one engine call can get (what warm-up must cover)."""
+        return max(self.max_batch_size, self.bulk_chunk_images)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -99,9 +113,9 @@ class Batcher:
         """Refuse new work, let queued and running batches finish. True if all finished in time."""
         self._accepting = False
         deadline = time.monotonic() + timeout_s
-        while (self._queued[0] or self._queued[1] or self._busy) and time.monotonic() < deadline:  # noqa: ASYNC110 (once, at shutdown)
+        while (self._queued[0] or self._queued[1] or self._inflight) and time.monotonic() < deadline:  # noqa: ASYNC110 (once, at shutdown)
             await asyncio.sleep(0.01)
-        return not (self._queued[0] or self._queued[1] or self._busy)
+        return not (self._queued[0] or self._queued[1] or self._inflight)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -124,14 +138,14 @@ class Batcher:
     def estimate_wait_s(self, images: int, *, bulk: bool) -> float:
         """Expected time until ``images`` more images would be done, from the measured batch cost."""
         ahead = self._queued[0] + (self._queued[1] if bulk else 0) + images
-        return ahead * self._sec_per_image + (self._last_batch_s if self._busy else 0.0)
+        return ahead * self._sec_per_image + self._inflight * self._last_batch_s
 
     def _admit(self, n: int, bulk: bool, budget_s: float | None) -> None:
         if not self._accepting:
             self._metrics.dropped["draining"].inc()
             raise Draining()
         q = 1 if bulk else 0
-        if self._queued[q] + n > self.max_queue_images:
+        if self._queued[q] + n > self._limits[q]:
             self._metrics.dropped["queue_full"].inc()
             raise Overloaded(
                 f"the queue is full ({self._queued[q]} images waiting); retry later",
@@ -159,59 +173,72 @@ class Batcher:
         budget_s: float | None = None,
         receive: Receive | None = None,
     ) -> BatchResult:
-        """Queue ``images`` (float32, (n, features), n <= max_batch_size) and wait for their outputs.
+        """Queue ``images`` (float32, (n, features)) as one item and wait for their outputs.
 
-        With ``receive``, a client that disconnects while its item waits has the item dropped unrun.
+        With ``receive``, a client that disconnects while its item waits has the item dropped unrun: under
+        uvicorn, by reading its connection state when the batch forms; elsewhere, by a task on ``receive``.
         """
-        n = images.shape[0]
-        self._admit(n, bulk, budget_s)
+        self._admit(images.shape[0], bulk, budget_s)
+        return await self._wait(self._enqueue(model, images, bulk, budget_s, receive))
+
+    async def submit_many(
+        self, model: Model, images: np.ndarray, *, budget_s: float | None = None, receive: Receive | None = None
+    ) -> tuple[np.ndarray, float, float]:
+        """Bulk work: split into ``bulk_chunk_images`` chunks, queued behind interactive work.
+
+        Returns (probabilities, longest queue seconds, total inference seconds).
+        """
+        self._admit(images.shape[0], True, budget_s)
+        step = self.bulk_chunk_images
+        items = [
+            self._enqueue(model, images[i : i + step], True, budget_s, receive) for i in range(0, images.shape[0], step)
+        ]
+        try:
+            results = [await self._wait(it) for it in items]
+        except BaseException:
+            for it in items:
+                if not it.future.done():
+                    it.future.cancel()
+            raise
+        probs = results[0].probabilities if len(results) == 1 else np.concatenate([r.probabilities for r in results])
+        return probs, max(r.queue_s for r in results), sum(r.inference_s for r in results)
+
+    def _enqueue(
+        self, model: Model, images: np.ndarray, bulk: bool, budget_s: float | None, receive: Receive | None
+    ) -> _Item:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[BatchResult] = loop.create_future()
-        timeout = self.request_timeout_s if budget_s is None else min(budget_s, self.request_timeout_s)
         item = _Item(images, model, fut, time.perf_counter(), bulk)
+        timeout = self.request_timeout_s if budget_s is None else min(budget_s, self.request_timeout_s)
         item.timer = loop.call_later(timeout, self._expire, item)
-        self._queues[1 if bulk else 0].append(item)
-        self._queued[1 if bulk else 0] += n
-        self._metrics.queue_depth[1 if bulk else 0].inc(n)
-        self._wakeup.set()
-        watcher: asyncio.Future[MutableMapping[str, Any]] | None = None
         if receive is not None:
-            watcher = asyncio.ensure_future(receive())
-            watcher.add_done_callback(lambda w: _on_disconnect(w, fut))
+            conn = getattr(receive, "__self__", None)
+            if conn is not None and isinstance(getattr(conn, "disconnected", None), bool):
+                item.conn = conn
+            else:
+                watcher = asyncio.ensure_future(receive())
+                watcher.add_done_callback(lambda w: _on_disconnect(w, fut))
+                fut.add_done_callback(lambda _: watcher.cancel())
+        q = 1 if bulk else 0
+        n = images.shape[0]
+        self._queues[q].append(item)
+        self._queued[q] += n
+        self._metrics.queue_depth[q].inc(n)
+        self._wakeup.set()
+        return item
+
+    async def _wait(self, item: _Item) -> BatchResult:
         try:
-            return await fut
+            return await item.future
         except asyncio.CancelledError:
-            if watcher is not None and watcher.done() and not watcher.cancelled():
+            if item.future.cancelled() and not _current_task_cancelling():
                 raise ClientDisconnected("the client disconnected while its request was queued") from None
             raise
         finally:
-            item.timer.cancel()
-            if watcher is not None:
-                watcher.cancel()
-            if fut.cancelled():  # the caller went away; the consumer drops the item unseen
+            if item.timer is not None:
+                item.timer.cancel()
+            if item.future.cancelled():  # the caller went away; the consumer drops the item unseen
                 self._metrics.dropped["cancelled"].inc()
-
-    async def submit_many(
-        self, model: Model, images: np.ndarray, *, budget_s: float | None = None
-    ) -> tuple[np.ndarray, float, float]:
-        """Bulk work: split into engine-sized chunks queued behind interactive work.
-
-        Returns (probabilities, total queue seconds, total inference seconds).
-        """
-        step = self.max_batch_size
-        self._admit(images.shape[0], True, budget_s)
-        tasks = [
-            asyncio.ensure_future(self.submit(model, images[i : i + step], bulk=True, budget_s=budget_s))
-            for i in range(0, images.shape[0], step)
-        ]
-        try:
-            results = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            raise
-        probs = np.concatenate([r.probabilities for r in results])
-        return probs, max(r.queue_s for r in results), sum(r.inference_s for r in results)
 
     def _expire(self, item: _Item) -> None:
         if not item.future.done():
@@ -222,7 +249,8 @@ class Batcher:
 
     # ----------------------------------------------------------------- consumer
     def _take(self) -> list[_Item]:
-        """Pop up to max_batch_size images of one model; skip items whose caller is gone."""
+        """Pop up to max_batch_size images of one model (a bigger bulk chunk goes alone); drop the items
+        whose caller is gone (cancelled, disconnected or expired) before compute."""
         batch: list[_Item] = []
         size = 0
         model: Model | None = None
@@ -230,10 +258,13 @@ class Batcher:
             while q:
                 item = q[0]
                 n = item.images.shape[0]
-                if item.future.done():  # cancelled by its caller or expired: drop before compute
+                gone = item.conn is not None and item.conn.disconnected
+                if gone or item.future.done():
                     q.popleft()
                     self._queued[qi] -= n
                     self._metrics.queue_depth[qi].dec(n)
+                    if gone and not item.future.done():
+                        item.future.cancel()
                     continue
                 if (model is not None and item.model is not model) or (batch and size + n > self.max_batch_size):
                     return batch
@@ -246,47 +277,54 @@ class Batcher:
         return batch
 
     async def _run(self) -> None:
+        """Form batches and hand them to the inference thread, keeping up to ``pipeline_depth`` calls
+        submitted so the thread never waits for the event loop between two batches."""
         loop = asyncio.get_running_loop()
         while True:
             if not (self._queued[0] or self._queued[1]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            if self._inflight >= self.pipeline_depth:
+                self._slot.clear()
+                await self._slot.wait()
+                continue
             if self.max_wait_s > 0 and self.queued_images < self.max_batch_size:
                 await asyncio.sleep(self.max_wait_s)
             batch = self._take()
             if not batch:
                 continue
-            self._busy = True
             try:
-                await self._run_batch(loop, batch)
-            except Exception:  # the loop survives everything; _run_batch already failed its callers
-                log.exception("unexpected error in the batch loop")
-            finally:
-                self._busy = False
+                self._launch(loop, batch)
+            except Exception as exc:  # the loop survives everything
+                self._fail(batch, exc)
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+    def _launch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         model = batch[0].model
+        x = batch[0].images if len(batch) == 1 else np.concatenate([it.images for it in batch])
         start = time.perf_counter()
-        try:
-            x = batch[0].images if len(batch) == 1 else np.concatenate([it.images for it in batch])
-            probs, seconds = await loop.run_in_executor(self._executor, self._infer, model, x)
-        except Exception as exc:
-            error_id = uuid.uuid4().hex[:12]
-            log.error(
-                "inference failed for a batch",
-                extra={"error_id": error_id, "batch_images": sum(i.images.shape[0] for i in batch)},
-                exc_info=exc,
-            )
-            self._metrics.dropped["engine_error"].inc(len(batch))
-            for it in batch:
-                if not it.future.done():
-                    it.future.set_exception(EngineError(error_id))
+        done = asyncio.wrap_future(self._executor.submit(self._infer, model, x), loop=loop)
+        self._inflight += 1
+        done.add_done_callback(lambda f: self._finish(loop, batch, x, start, f))
+
+    def _finish(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[_Item],
+        x: np.ndarray,
+        start: float,
+        done: asyncio.Future[tuple[np.ndarray, float]],
+    ) -> None:
+        self._inflight -= 1
+        self._slot.set()
+        exc = done.exception()
+        if exc is not None:
+            self._fail(batch, exc)
             return
-        n = x.shape[0]
+        probs, seconds = done.result()
+        model, n = batch[0].model, x.shape[0]
         self._sec_per_image += 0.1 * (seconds / n - self._sec_per_image)
         self._last_batch_s = seconds
-        m = self._metrics
-        m.observe_batch(model, n, seconds, [start - it.enqueued for it in batch])
+        self._metrics.observe_batch(model, n, seconds, [start - it.enqueued for it in batch])
         row = 0
         for it in batch:
             k = it.images.shape[0]
@@ -295,6 +333,19 @@ class Batcher:
             row += k
         if self._observer is not None:  # quality statistics: after the callers have their results
             loop.run_in_executor(self._executor, self._observe, model, x, probs)
+
+    def _fail(self, batch: list[_Item], exc: BaseException) -> None:
+        """An error in one batch fails only that batch's callers, with a generic message; logged once."""
+        error_id = uuid.uuid4().hex[:12]
+        log.error(
+            "inference failed for a batch",
+            extra={"error_id": error_id, "batch_images": sum(i.images.shape[0] for i in batch)},
+            exc_info=exc,
+        )
+        self._metrics.dropped["engine_error"].inc(len(batch))
+        for it in batch:
+            if not it.future.done():
+                it.future.set_exception(EngineError(error_id))
 
     def _infer(self, model: Model, x: np.ndarray) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
@@ -307,6 +358,11 @@ class Batcher:
             self._observer(model, x, probs)
         except Exception:
             log.exception("batch observer failed")
+
+
+def _current_task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _on_disconnect(watcher: asyncio.Future[MutableMapping[str, Any]], fut: asyncio.Future[BatchResult]) -> None:

@@ -86,11 +86,22 @@ def json_images(doc: Any, features: int, image_shape: tuple[int, int], max_image
     if not isinstance(images, list):
         raise InvalidInput('"images" must be a list of images', code="invalid_type")
     _check_count(len(images), max_images)
-    arr = _numeric_array(images, '"images"')
-    if arr.ndim < 2:
-        raise InvalidInput('"images" must be a list of images, each a list of numbers', code="invalid_shape")
-    rows = _image_rows(arr, features, image_shape, '"images"', batch=True).astype(np.float32)
-    return _check_range(rows, '"images"')
+    try:
+        arr = np.asarray(images)
+    except (ValueError, TypeError):  # ragged: flat and nested images mixed (both allowed), or a bad image
+        rows = np.concatenate([_json_image_rows(img, i, features, image_shape) for i, img in enumerate(images)])
+    else:
+        if arr.dtype.kind not in "iuf":
+            raise InvalidInput(f'"images" must contain only numbers (got {arr.dtype.kind!r} data)', code="invalid_type")
+        if arr.ndim < 2:
+            raise InvalidInput('"images" must be a list of images, each a list of numbers', code="invalid_shape")
+        rows = _image_rows(arr, features, image_shape, '"images"', batch=True)
+    return _check_range(rows.astype(np.float32), '"images"')
+
+
+def _json_image_rows(image: Any, i: int, features: int, image_shape: tuple[int, int]) -> np.ndarray:
+    what = f'"images"[{i}]'
+    return _image_rows(_numeric_array(image, what), features, image_shape, what, batch=False)
 
 
 def _check_count(n: int, max_images: int) -> None:
@@ -119,6 +130,8 @@ def png_image(body: bytes, features: int, image_shape: tuple[int, int], max_pixe
             gray = np.asarray(img.convert("L"), dtype=np.uint8)
     except (InvalidInput, PayloadTooLarge):
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"the PNG declares too many pixels; the limit is {max_pixels}") from exc
     except Exception as exc:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError, ...)
         raise MalformedBody(f"the PNG cannot be decoded: {type(exc).__name__}", code="malformed_png") from exc
     return gray.reshape(1, features).astype(np.float32) * np.float32(scale)
@@ -141,7 +154,7 @@ def npy_images(body: bytes, features: int, image_shape: tuple[int, int], max_ima
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=1024)
         else:
             raise ValueError(f"unsupported .npy version {version}")
-    except (ValueError, EOFError, SyntaxError, TypeError) as exc:
+    except Exception as exc:  # numpy's header parser raises ValueError, SyntaxError, tokenize.TokenError, ...
         raise MalformedBody(f"malformed .npy: {_safe(exc)}", code="malformed_npy") from exc
     if dtype.hasobject or dtype not in (np.dtype(np.uint8), np.dtype("<f4")):
         raise InvalidInput(f".npy dtype must be uint8 or float32 (little-endian), got {dtype}", code="invalid_type")

@@ -75,21 +75,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _header_timeout(self) -> None:
         self._read_timer = None
-        if not self.transport.is_closing():
-            log.info("closing a connection that sent no complete request headers in time",
-                        extra={"client": self.client and self.client[0], "timeout_s": self.limits.header_timeout_s})  # fmt: skip
+        if self.transport.is_closing():
+            return
+        limit = self.limits.header_timeout_s
+        log.info("closing a connection that sent no complete request headers in time",
+                 extra={"client": self.client and self.client[0], "timeout_s": limit})  # fmt: skip
+        if self.cycle is None or self.cycle.response_complete:  # never interleave with a response being sent
             self.transport.write(
-                error_response(
-                    408, "header_timeout", f"request headers must arrive within {self.limits.header_timeout_s:g} s"
-                )
+                error_response(408, "header_timeout", f"request headers must arrive within {limit:g} s")
             )
-            self.transport.close()
+        self.transport.close()
 
     def _body_timeout(self) -> None:
         self._read_timer = None
         if not self.transport.is_closing():
             log.info("closing a connection whose request body did not arrive in time",
-                        extra={"client": self.client and self.client[0], "timeout_s": self.limits.body_timeout_s})  # fmt: skip
+                     extra={"client": self.client and self.client[0], "timeout_s": self.limits.body_timeout_s})  # fmt: skip
             self.transport.close()
 
     # -------------------------------------------------------------- parser callbacks
@@ -127,7 +128,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self._headers_too_large:
-            log.warning("refusing oversized request headers", extra={"client": self.client and self.client[0]})
+            log.info("refusing oversized request headers", extra={"client": self.client and self.client[0]})
             limit = self.limits.max_header_bytes
             data = error_response(431, "headers_too_large", f"request line and headers exceed {limit} bytes")
         else:

@@ -408,10 +408,10 @@ async def _run(svc: ServiceState, request: Request, model: Model, x: np.ndarray,
     """The same batcher calls as /v1: one image is interactive work, more is bulk, split when too big."""
     batcher = svc.batcher
     n = x.shape[0]
-    if n <= batcher.max_batch_size:
+    if n <= batcher.bulk_chunk_images:
         res = await batcher.submit(model, x, bulk=n > 1, budget_s=budget, receive=request.receive)
         return res.probabilities, res, res.queue_s, res.inference_s
-    probs, queue_s, inference_s = await batcher.submit_many(model, x, budget_s=budget)
+    probs, queue_s, inference_s = await batcher.submit_many(model, x, budget_s=budget, receive=request.receive)
     return probs, None, queue_s, inference_s
 
 

@@ -200,11 +200,11 @@ async def predict_batch(request: Request) -> Response:
         x = decode.raw_images(body, model.n_features, limit, scale)
     del body
     res: BatchResult | None = None
-    if x.shape[0] <= svc.batcher.max_batch_size:
+    if x.shape[0] <= svc.batcher.bulk_chunk_images:
         res = await svc.batcher.submit(model, x, bulk=True, budget_s=budget, receive=request.receive)
         probs, queue_s, inference_s = res.probabilities, res.queue_s, res.inference_s
     else:
-        probs, queue_s, inference_s = await svc.batcher.submit_many(model, x, budget_s=budget)
+        probs, queue_s, inference_s = await svc.batcher.submit_many(model, x, budget_s=budget, receive=request.receive)
     labels = probs.argmax(axis=1)
     rid = request_id_of(request.scope) or ""
     svc.quality.remember(rid, labels)
@@ -229,7 +229,7 @@ async def predict_batch(request: Request) -> Response:
     "/v1/feedback",
     summary="Report the true label of an earlier prediction",
     response_model=FeedbackResult,
-    responses=error_responses(404, 422),
+    responses=error_responses(400, 404, 422),
 )
 async def feedback(body: Feedback, request: Request) -> FeedbackResult:
     svc = state_of(request)

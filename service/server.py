@@ -108,6 +108,7 @@ def build_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
         timeout_keep_alive=settings.timeout_keep_alive_s,
         timeout_graceful_shutdown=max(int(settings.drain_timeout_s), 1),
         server_header=False,
+        proxy_headers=False,  # no X-Forwarded-* rewriting on the hot path; the access log shows the peer
     )
 
 

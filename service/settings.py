@@ -41,7 +41,12 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         0.0, ge=0, le=1000, description="Extra wait to fill a batch; 0 = run what is queued at once."
     )
-    max_queue_images: int = Field(4096, ge=1, description="Images allowed to wait; beyond it: 503.")
+    max_queue_images: int = Field(4096, ge=1, description="Single-image work allowed to wait; beyond it: 503.")
+    max_bulk_queue_images: int = Field(16384, ge=1, description="Bulk images allowed to wait; beyond it: 503.")
+    bulk_chunk_images: int = Field(1024, ge=1, description="Bulk requests run in engine calls of this many images.")
+    pipeline_depth: int = Field(
+        2, ge=1, le=8, description="Engine calls handed to the inference thread ahead (2: it never idles)."
+    )
     request_timeout_s: float = Field(10.0, gt=0, description="A request queued longer than this gets 504.")
 
     # Limits

@@ -52,7 +52,10 @@ def gate(model: Model) -> Gate:
 
 
 def make_batcher(**kw: float) -> Batcher:
-    args: dict[str, float] = {"max_batch_size": 8, "max_wait_s": 0.0, "max_queue_images": 64, "request_timeout_s": 5.0}
+    """Pipeline depth 1 unless asked: one engine call at a time, so batch formation is easy to reason about."""
+    args: dict[str, float] = {
+        "max_batch_size": 8, "max_wait_s": 0.0, "max_queue_images": 64, "request_timeout_s": 5.0, "pipeline_depth": 1
+    }  # fmt: skip
     args.update(kw)
     return Batcher(metrics=Metrics(), **args)  # type: ignore[arg-type]
 
@@ -245,3 +248,58 @@ async def test_drain_finishes_queued_work_then_refuses(batcher: Batcher, model: 
     assert await drained
     assert (await queued).probabilities.shape == (1, 10)
     await first
+
+
+async def test_pipelining_hands_the_next_batch_over_while_one_runs(model: Model, gate: Gate) -> None:
+    b = make_batcher(pipeline_depth=2)
+    b.start()
+    try:
+        first = await hold(gate, b, model)
+        second = asyncio.ensure_future(b.submit(model, images(2, 0.3)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert b.queued_images == 0  # already handed to the inference thread, queued behind the first call
+        third = asyncio.ensure_future(b.submit(model, images(1, 0.4)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert b.queued_images == 1  # depth 2 reached: it waits in the batcher's queue
+        gate.open.set()
+        results = await asyncio.gather(first, second, third)
+        assert [r.batch_images for r in results] == [1, 2, 1]
+    finally:
+        gate.open.set()
+        await b.stop()
+
+
+async def test_bulk_chunks_are_bulk_chunk_images_each(model: Model, gate: Gate) -> None:
+    b = make_batcher(max_batch_size=4, bulk_chunk_images=10, max_queue_images=100)
+    b.start()
+    try:
+        probs, _, _ = await b.submit_many(model, images(25, 0.5))
+        assert probs.shape == (25, 10)
+        assert [x.shape[0] for x in gate.batches] == [10, 10, 5]
+    finally:
+        await b.stop()
+
+
+class _Connection:
+    """Stands for uvicorn's request cycle: the batcher reads ``disconnected`` instead of starting a task."""
+
+    def __init__(self) -> None:
+        self.disconnected = False
+
+    async def receive(self) -> dict[str, str]:
+        raise AssertionError("the batcher must not call receive() when it can read the connection state")
+
+
+async def test_connection_state_is_read_when_the_batch_forms(batcher: Batcher, model: Model, gate: Gate) -> None:
+    conn = _Connection()
+    first = await hold(gate, batcher, model)
+    waiting = asyncio.ensure_future(batcher.submit(model, images(1, 0.7), receive=conn.receive))
+    await asyncio.sleep(0)
+    conn.disconnected = True
+    gate.open.set()
+    await first
+    with pytest.raises(ClientDisconnected):
+        await waiting
+    assert all(not np.isclose(x[:, 0], 0.7).any() for x in gate.batches)

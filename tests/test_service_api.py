@@ -173,7 +173,7 @@ def test_batch_binary_outputs(client: httpx.Client) -> None:
 
 
 def test_bulk_larger_than_one_engine_batch_keeps_order(tiny_repo: Path, tmp_path: Path) -> None:
-    with_small_batches = start_server(tiny_repo, tmp_path, "--max-batch-size", "16")
+    with_small_batches = start_server(tiny_repo, tmp_path, "--max-batch-size", "16", "--bulk-chunk-images", "16")
     try:
         x = digits(100, seed=5)
         with with_small_batches.client() as c:
