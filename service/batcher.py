@@ -277,14 +277,16 @@ class Batcher:
         return batch
 
     async def _run(self) -> None:
-        """Form batches and hand them to the inference thread, keeping up to ``pipeline_depth`` calls
-        submitted so the thread never waits for the event loop between two batches."""
+        """Form batches and hand them to the inference thread; bulk chunks are handed over up to
+        ``pipeline_depth`` ahead, so the thread never waits for the event loop between two chunks."""
         loop = asyncio.get_running_loop()
         while True:
             if not (self._queued[0] or self._queued[1]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self._inflight >= self.pipeline_depth:
+            # Only bulk work is handed over ahead: interactive items wait here for a free engine, where a
+            # caller that hangs up can still be dropped and later arrivals can still join their batch.
+            if self._inflight >= self.pipeline_depth or (self._inflight and self._queued[0]):
                 self._slot.clear()
                 await self._slot.wait()
                 continue
@@ -302,7 +304,7 @@ class Batcher:
         model = batch[0].model
         x = batch[0].images if len(batch) == 1 else np.concatenate([it.images for it in batch])
         start = time.perf_counter()
-        done = asyncio.wrap_future(self._executor.submit(self._infer, model, x), loop=loop)
+        done = asyncio.wrap_future(self._executor.submit(self._infer, model, x, batch), loop=loop)
         self._inflight += 1
         done.add_done_callback(lambda f: self._finish(loop, batch, x, start, f))
 
@@ -312,7 +314,7 @@ class Batcher:
         batch: list[_Item],
         x: np.ndarray,
         start: float,
-        done: asyncio.Future[tuple[np.ndarray, float]],
+        done: asyncio.Future[tuple[np.ndarray | None, float]],
     ) -> None:
         self._inflight -= 1
         self._slot.set()
@@ -321,6 +323,11 @@ class Batcher:
             self._fail(batch, exc)
             return
         probs, seconds = done.result()
+        if probs is None:
+            for it in batch:
+                if not it.future.done():
+                    it.future.cancel()
+            return
         model, n = batch[0].model, x.shape[0]
         self._sec_per_image += 0.1 * (seconds / n - self._sec_per_image)
         self._last_batch_s = seconds
@@ -347,7 +354,9 @@ class Batcher:
             if not it.future.done():
                 it.future.set_exception(EngineError(error_id))
 
-    def _infer(self, model: Model, x: np.ndarray) -> tuple[np.ndarray, float]:
+    def _infer(self, model: Model, x: np.ndarray, batch: list[_Item]) -> tuple[np.ndarray | None, float]:
+        if all(it.conn is not None and it.conn.disconnected for it in batch):
+            return None, 0.0  # handed over ahead, and every caller has hung up since: skip the compute
         t0 = time.perf_counter()
         probs = model.run(x)
         return probs, time.perf_counter() - t0

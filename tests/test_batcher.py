@@ -250,22 +250,24 @@ async def test_drain_finishes_queued_work_then_refuses(batcher: Batcher, model: 
     await first
 
 
-async def test_pipelining_hands_the_next_batch_over_while_one_runs(model: Model, gate: Gate) -> None:
+async def test_pipelining_hands_bulk_over_ahead_but_keeps_interactive_work_queued(model: Model, gate: Gate) -> None:
     b = make_batcher(pipeline_depth=2)
     b.start()
     try:
-        first = await hold(gate, b, model)
-        second = asyncio.ensure_future(b.submit(model, images(2, 0.3)))
+        gate.open.clear()
+        first = asyncio.ensure_future(b.submit(model, images(3, 0.1), bulk=True))
+        assert await asyncio.to_thread(gate.entered.wait, 10)
+        second = asyncio.ensure_future(b.submit(model, images(2, 0.3), bulk=True))
         for _ in range(5):
             await asyncio.sleep(0)
-        assert b.queued_images == 0  # already handed to the inference thread, queued behind the first call
+        assert b.queued_images == 0  # a bulk chunk is handed to the inference thread behind the running one
         third = asyncio.ensure_future(b.submit(model, images(1, 0.4)))
         for _ in range(5):
             await asyncio.sleep(0)
-        assert b.queued_images == 1  # depth 2 reached: it waits in the batcher's queue
+        assert b.queued_images == 1  # interactive work waits for a free engine (droppable, joinable)
         gate.open.set()
         results = await asyncio.gather(first, second, third)
-        assert [r.batch_images for r in results] == [1, 2, 1]
+        assert [r.batch_images for r in results] == [3, 2, 1]
     finally:
         gate.open.set()
         await b.stop()
