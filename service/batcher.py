@@ -212,7 +212,7 @@ class Batcher:
         timeout = self.request_timeout_s if budget_s is None else min(budget_s, self.request_timeout_s)
         item.timer = loop.call_later(timeout, self._expire, item)
         if receive is not None:
-            conn = getattr(receive, "__self__", None)
+            conn = getattr(receive, "__self__", None) or getattr(receive, "connection", None)
             if conn is not None and isinstance(getattr(conn, "disconnected", None), bool):
                 item.conn = conn
             else:

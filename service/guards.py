@@ -198,6 +198,9 @@ class InflightLimit:
                 counted = True
             return message
 
+        # The batcher reads the connection state from ``receive.__self__`` (uvicorn's request cycle) to drop
+        # callers that hung up without a task per request; keep it reachable through the wrapper.
+        setattr(counting_receive, "connection", getattr(receive, "__self__", None))  # noqa: B010
         try:
             await self.app(scope, counting_receive, send)
         finally:
