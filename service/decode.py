@@ -175,7 +175,7 @@ def npy_images(body: bytes, features: int, image_shape: tuple[int, int], max_ima
         arr = arr.reshape(shape[::-1]).transpose()
     arr = arr.reshape(-1, features)
     if dtype == np.uint8:
-        return arr.astype(np.float32) * np.float32(scale)
+        return np.multiply(arr, np.float32(scale), dtype=np.float32)  # one pass: cast and scale
     return _check_range(np.ascontiguousarray(arr), ".npy data")
 
 
@@ -187,7 +187,7 @@ def raw_images(body: bytes, features: int, max_images: int, scale: float) -> np.
             code="invalid_shape",
         )
     _check_count(len(body) // features, max_images)
-    return np.frombuffer(body, dtype=np.uint8).reshape(-1, features).astype(np.float32) * np.float32(scale)
+    return np.multiply(np.frombuffer(body, dtype=np.uint8).reshape(-1, features), np.float32(scale), dtype=np.float32)
 
 
 def unsupported(ct: str, allowed: tuple[str, ...]) -> UnsupportedMediaType:
