@@ -175,7 +175,8 @@ def npy_images(body: bytes, features: int, image_shape: tuple[int, int], max_ima
         arr = arr.reshape(shape[::-1]).transpose()
     arr = arr.reshape(-1, features)
     if dtype == np.uint8:
-        return np.multiply(arr, np.float32(scale), dtype=np.float32)  # one pass: cast and scale
+        out: np.ndarray = np.multiply(arr, np.float32(scale), dtype=np.float32)  # one pass: cast and scale
+        return out
     return _check_range(np.ascontiguousarray(arr), ".npy data")
 
 
