@@ -16,7 +16,8 @@ _COLORS = {"service": "tab:blue", "careful": "tab:orange", "classic": "tab:red",
 
 
 def _series(points: list[Point], design: str, workload: str) -> list[Point]:
-    return sorted((p for p in points if p.design == design and p.workload == workload), key=lambda p: p.concurrency)
+    chosen = (p for p in points if p.design == design and p.workload == workload and not p.note)
+    return sorted(chosen, key=lambda p: p.concurrency)
 
 
 def throughput_vs_concurrency(points: list[Point], path: Path, title: str) -> None:
@@ -92,3 +93,30 @@ def bulk_vs_engine(points: list[Point], engine_best: float | None, path: Path, t
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_all(points: list[Point], engine_best: float | None, out: Path, title: str) -> None:
+    throughput_vs_concurrency(points, out / "throughput_vs_concurrency.png", title)
+    latency_vs_throughput(points, out / "latency_vs_throughput.png", title)
+    bulk_vs_engine(points, engine_best, out / "bulk_vs_engine.png", title)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.plots RESULTS_JSON [OUT_DIR]``: redraw the plots of an earlier run."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    results = Path(args[0])
+    out = Path(args[1]) if len(args) > 1 else results.parent
+    r = json.loads(results.read_text())
+    fields = set(Point.__dataclass_fields__)
+    points = [Point(**{k: v for k, v in p.items() if k in fields}) for p in r["points"]]
+    best = r.get("engine", {}).get("best", {}).get("images_per_s")
+    m = r["model"]
+    write_all(points, best, out, f"{m['name']}/{m['version']}, {r['machine']['cores']} cores, wrk, 1 worker")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -86,10 +86,12 @@ class Target:
         return {**asdict(self), "passed": self.passed, "margin": self.margin}
 
 
-def find(points: list[Point], design: str, workload: str, concurrency: int) -> Point | None:
-    return next(
-        (p for p in points if p.design == design and p.workload == workload and p.concurrency == concurrency), None
-    )
+def find(points: list[Point], design: str, workload: str, concurrency: int, note: str = "") -> Point | None:
+    """The point of the plain sweep (``note`` empty) unless a note is asked for."""
+    for p in points:
+        if (p.design, p.workload, p.concurrency, p.note) == (design, workload, concurrency, note):
+            return p
+    return None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

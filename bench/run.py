@@ -209,12 +209,12 @@ class Bench:
         self, design: str, w: Workload, c: int, note: str = "", beside: Callable[[], WrkRun] | None = None
     ) -> tuple[Point, WrkResult | None]:
         server = self.servers[design]
-        before = scrape(server.url) if design.startswith("service") else {}
+        before = scrape(server.url)
         with ProcSampler(server.pid) as sampler:
             other = beside() if beside is not None else None
             r = run_wrk(server.url, w, self.prefix(w), c, self.args.duration, self.args.wrk_threads)
             other_r = other.result() if other is not None else None
-        after = scrape(server.url) if design.startswith("service") else {}
+        after = scrape(server.url)
         mb, calls = mean_batch(before, after)
         s = sampler.sample
         pt = Point(
@@ -350,9 +350,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     (out / "results.json").write_text(json.dumps(result, indent=1))
     if args.plots:
         title = f"{model.name}/{model.version}, {result['machine']['cores']} cores, wrk, 1 worker"
-        plots.throughput_vs_concurrency(points, out / "throughput_vs_concurrency.png", title)
-        plots.latency_vs_throughput(points, out / "latency_vs_throughput.png", title)
-        plots.bulk_vs_engine(points, engine_best, out / "bulk_vs_engine.png", title)
+        plots.write_all(points, engine_best, out, title)
     print()
     print(table(points))
     print()
@@ -436,19 +434,27 @@ def _service_only(
             "bulk_errors": bulk_r.errors,
         }
     if args.profile:
-        print("profile (py-spy, not counted):", flush=True)
-        path = bench.out / "profile-json.txt"
-        spy = profile.record(bench.servers["service"].pid, args.duration, path)
-        time.sleep(0.3)
-        bench.point("service", json_w, args.high, note="under py-spy (not a result)")
-        bench.points.pop()
-        _, err = spy.communicate(timeout=60)
-        if path.exists():
-            summary = profile.summarize(path)
-            bench.profile = summary  # type: ignore[attr-defined]
-            print(profile.format_summary(summary))
-        else:
-            print(f"py-spy wrote nothing: {err.decode(errors='replace')[-2000:]}")
+        bench.profile = {  # type: ignore[attr-defined]
+            "json": _profiled(bench, json_w, args.high, "profile-json.txt"),
+            "bulk": _profiled(bench, bulk_raw(digits, args.mixed_bulk), 1, "profile-bulk.txt"),
+        }
+
+
+def _profiled(bench: Bench, w: Workload, c: int, name: str) -> dict[str, object] | None:
+    """py-spy the service during one extra point (dropped from the results: the sampler costs CPU)."""
+    print(f"profile of {w.name} c={c} (py-spy, not counted):", flush=True)
+    path = bench.out / name
+    spy = profile.record(bench.servers["service"].pid, bench.args.duration, path)
+    time.sleep(0.3)
+    bench.point("service", w, c, note="under py-spy (not a result)")
+    bench.points.pop()
+    _, err = spy.communicate(timeout=60)
+    if not path.exists():
+        print(f"py-spy wrote nothing: {err.decode(errors='replace')[-2000:]}")
+        return None
+    summary = profile.summarize(path)
+    print(profile.format_summary(summary))
+    return summary
 
 
 def _cpu_normalised(points: list[Point], high: int) -> dict[str, Any]:
