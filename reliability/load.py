@@ -12,6 +12,14 @@ import orjson
 
 from reliability.client import Connection
 
+#: The clock of every timestamp here (uvloop's ``loop.time()`` only ticks in whole milliseconds).
+now = time.perf_counter
+
+#: A kept-alive connection idle longer than this is not reused: the service closes idle connections after
+#: ``timeout_keep_alive_s`` (5 s by default), and a request written as it does so is lost. Real clients
+#: need the same rule (an idle expiry shorter than the server's), see docs/reliability.md.
+IDLE_EXPIRY_S = 4.0
+
 #: Outcomes that are not an HTTP status.
 TIMEOUT, RESET, CONNECT_ERROR, NOT_SENT = "timeout", "reset", "connect_error", "not_sent"
 
@@ -68,18 +76,17 @@ async def _one(conn: Connection, raw: bytes, timeout_s: float) -> tuple[int | st
 async def closed_loop(port: int, raw: bytes, connections: int, duration_s: float, timeout_s: float = 10) -> Record:
     """``connections`` clients, each sending its next request as soon as the last one is answered."""
     record = Record()
-    loop = asyncio.get_running_loop()
-    stop_at = loop.time() + duration_s
+    stop_at = now() + duration_s
 
     async def client() -> None:
         conn: Connection | None = None
-        while loop.time() < stop_at:
-            at = loop.time()
+        while now() < stop_at:
+            at = now()
             if conn is None or conn.closed:
                 try:
                     conn = await Connection.open("127.0.0.1", port)
                 except OSError:
-                    record.add(at, loop.time() - at, CONNECT_ERROR)
+                    record.add(at, now() - at, CONNECT_ERROR)
                     await asyncio.sleep(0.01)
                     continue
             status, body, latency = await _one(conn, raw, timeout_s)
@@ -108,8 +115,7 @@ async def open_loop(
     counts. ``preopen`` connections are opened before the first arrival; with ``fresh`` every request
     opens its own connection (what a new client, or a kubelet probe, does)."""
     record = Record()
-    loop = asyncio.get_running_loop()
-    idle: list[Connection] = [await Connection.open("127.0.0.1", port) for _ in range(preopen)]
+    idle: list[tuple[float, Connection]] = [(now(), await Connection.open("127.0.0.1", port)) for _ in range(preopen)]
     open_count = len(idle)
     tasks: set[asyncio.Task[None]] = set()
 
@@ -117,8 +123,10 @@ async def open_loop(
         nonlocal open_count
         conn = None
         while idle and conn is None:
-            conn = idle.pop()
-            if conn.closed:
+            since, conn = idle.pop()
+            if conn.closed or conn.reader.at_eof() or now() - since > IDLE_EXPIRY_S:
+                conn.close()
+                open_count -= 1
                 conn = None
         if conn is None:
             if open_count >= max_connections:
@@ -129,29 +137,30 @@ async def open_loop(
                 conn = await Connection.open("127.0.0.1", port)
             except OSError:
                 open_count -= 1
-                record.add(at, loop.time() - at, CONNECT_ERROR)
+                record.add(at, now() - at, CONNECT_ERROR)
                 return
         status, body, _ = await _one(conn, raw, timeout_s)
-        record.add(at, loop.time() - at, status, body)
+        record.add(at, now() - at, status, body)
         if fresh:
             conn.close()
         if conn.closed:
             open_count -= 1
         else:
-            idle.append(conn)
+            idle.append((now(), conn))
 
-    start = loop.time()
+    loop = asyncio.get_running_loop()
+    start = now()
     due = 0
-    while (now := loop.time()) - start < duration_s and not (stop is not None and stop.is_set()):
-        target = int((now - start) * rate)
+    while (t := now()) - start < duration_s and not (stop is not None and stop.is_set()):
+        target = int((t - start) * rate) + 1  # arrival k is due at start + k / rate
         while due < target:
             task = loop.create_task(arrival(start + due / rate))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             due += 1
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(max(0.0, start + due / rate - now()))
     if tasks:
         await asyncio.wait(tasks, timeout=timeout_s + 5)
-    for conn in idle:
+    for _, conn in idle:
         conn.close()
     return record

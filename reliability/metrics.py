@@ -7,7 +7,6 @@ from collections import Counter
 
 from prometheus_client.parser import text_string_to_metric_families
 
-
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 

@@ -95,7 +95,7 @@ class OverloadReport:
             f"  accepted: {self.accepted_rps:.0f} req/s ({self.accepted_fraction_of_capacity:.0%} of capacity)",
             f"  refused:  {self.refused} ({self.refused_rps:.0f} req/s), by reason {self.dropped}",
             f"  statuses: {self.statuses}; 5xx other than 503: {self.other_5xx}; "
-            f"wrk socket errors: {self.wrk_socket_errors}",
+            f"wrk socket errors and timeouts: {self.wrk_socket_errors}",
             f"  wrk latency, all answers: p50 {self.wrk_p50_ms:.1f} ms, p99 {self.wrk_p99_ms:.1f} ms",
             f"  probe on kept-alive connections ({sum(self.probe_statuses.values())} requests): {self.probe_statuses}",
             f"  probe accepted latency: p50 {self.probe_accepted_p50_ms:.1f} ms, p99 {self.probe_accepted_p99_ms:.1f} ms",
@@ -171,9 +171,9 @@ async def recovery(port: int, raw: bytes, threshold_s: float, timeout_s: float) 
 
 
 async def measure(cfg: OverloadConfig, server: serverproc.ServerProcess, rss: serverproc.RssSampler,
-                  body_file: Path) -> OverloadReport:  # fmt: skip
+                  body_file: Path, body: bytes) -> OverloadReport:  # fmt: skip
     rep = OverloadReport(overload_connections=cfg.connections)
-    raw = build_request("POST", ROUTE, body_file.read_bytes(), {"Content-Type": "application/json"})
+    raw = build_request("POST", ROUTE, body, {"Content-Type": "application/json"})
     base = await sequential(server.port, raw, 300)
     rep.baseline_p50_ms, rep.baseline_p99_ms = ms(percentile(base, 50)), ms(percentile(base, 99))
     rep.rss_start_mb = round(server.rss_mb(), 1)
@@ -207,7 +207,9 @@ async def measure(cfg: OverloadConfig, server: serverproc.ServerProcess, rss: se
     wall = wrk["duration_us"] / 1e6
     rep.statuses = {str(k): v for k, v in sorted(st.items())}
     rep.dropped = dict(metrics.dropped(m1, m2))
-    rep.other_5xx = sum(max(st.get(k, 0), server_side.get(k, 0)) for k in set(st) | set(server_side) if k >= 500 and k != 503)
+    rep.other_5xx = sum(
+        max(st.get(k, 0), server_side.get(k, 0)) for k in set(st) | set(server_side) if k >= 500 and k != 503
+    )
     rep.refused = st.get(503, 0)
     rep.accepted_rps = round(st.get(200, 0) / wall, 1)
     rep.refused_rps = round(rep.refused / wall, 1)
@@ -230,11 +232,12 @@ def run(cfg: OverloadConfig) -> OverloadReport:
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
         log_dir = cfg.log_dir or Path(tmp)
         body_file = Path(tmp) / "body.json"
-        body_file.write_bytes(digit_body())
+        body = digit_body()
+        body_file.write_bytes(body)
         server = serverproc.start(cfg.repository, log_dir / "overload-server.log", *cfg.server_args)
         try:
             with serverproc.RssSampler(server.proc.pid) as rss:
-                rep = uvloop.run(measure(cfg, server, rss, body_file))
+                rep = uvloop.run(measure(cfg, server, rss, body_file, body))
         finally:
             code = server.stop()
         rep.exit_code = code
@@ -250,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=1024, help="wrk connections during the overload.")
     p.add_argument("--probe-rate", type=float, default=50.0, help="Probe requests per second.")
     p.add_argument("--json", action="store_true", help="Also print the report as one JSON line.")
-    p.add_argument("server_args", nargs="*", help="Extra mnist-serve flags, after --, e.g. -- --max-inflight-requests 64")
+    p.add_argument(
+        "server_args", nargs="*", help="Extra mnist-serve flags, after --, e.g. -- --max-inflight-requests 64"
+    )
     args = p.parse_args(argv)
     cfg = OverloadConfig(args.model_repository, args.duration, args.capacity_duration,
                          connections=args.connections, probe_rate=args.probe_rate,

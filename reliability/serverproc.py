@@ -35,7 +35,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def rss_mb(self) -> float:
-        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+        return float(psutil.Process(self.proc.pid).memory_info().rss) / 2**20
 
     def stop(self, timeout_s: float = 60) -> int:
         if self.proc.poll() is None:
@@ -47,7 +47,9 @@ class ServerProcess:
             return self.proc.wait()
 
 
-def start(repo: Path, log_path: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 60) -> ServerProcess:
+def start(
+    repo: Path, log_path: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 60
+) -> ServerProcess:
     """Start the service with its real CLI and wait until /readyz says 200."""
     port = free_port()
     cmd = [sys.executable, "-m", "service.server", "--port", str(port), "--model-repository", str(repo), *args]

@@ -159,8 +159,10 @@ class InflightLimit:
     chunk) until its response ends, so slow uploaders hold no slot (the body timeout bounds them). The
     check happens when the request starts, before any routing or decoding, and the refusal is a prebuilt
     response: under overload a refusal must cost far less than the work it sheds, or the refusals alone
-    fill the CPU (measured in docs/reliability.md). Health, readiness, metrics and metadata are never
-    limited, so probes keep working under overload.
+    fill the CPU (measured in docs/reliability.md). The refusal closes the connection: a client retrying at
+    once must reconnect (which slows a retry storm), and behind an L4 balancer (a Kubernetes Service) the new
+    connection may land on another replica. Health, readiness, metrics and metadata are never limited, so
+    probes keep working under overload.
     """
 
     def __init__(self, app: ASGIApp, limit: int, on_refuse: Callable[[], None] | None = None) -> None:
@@ -176,6 +178,7 @@ class InflightLimit:
             (b"content-type", b"application/json"),
             (b"content-length", str(len(self._body)).encode()),
             (b"retry-after", b"1"),
+            (b"connection", b"close"),
         ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -74,10 +74,12 @@ class Settings(BaseSettings):
     )
     timeout_keep_alive_s: int = Field(5, ge=1, description="Idle keep-alive connections close after this.")
     max_inflight_requests: int = Field(
-        256, ge=0, description="Inference requests processed at once; beyond it: 503 at once (0 = no limit)."
+        1024, ge=0, description="Inference requests processed at once; beyond it: 503 at once (0 = no limit)."
     )
     event_loop: Literal["uvloop", "asyncio"] = Field(
-        "uvloop", description="Event loop: uvloop (faster) or asyncio (fairer to new connections under overload)."
+        "asyncio",
+        description="asyncio: fair to new connections under overload; uvloop: ~10% more peak throughput, but "
+        "starves new connections (probes included) while many busy ones are open (docs/reliability.md).",
     )
 
 
