@@ -87,6 +87,10 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _help(description: str | None, default: object) -> str:
+    return f"{description} (default: {default})".replace("%", "%%")  # argparse formats help with %
+
+
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one flag per setting; defaults shown come from the environment."""
     parser = argparse.ArgumentParser(
@@ -101,14 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                 dest=name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f"{field.description} (default: {default})",
+                help=_help(field.description, default),
             )
         elif name == "cors_origins":
-            parser.add_argument(
-                _flag(name), dest=name, nargs="*", default=None, help=f"{field.description} (default: none)"
-            )
+            parser.add_argument(_flag(name), dest=name, nargs="*", default=None, help=_help(field.description, "none"))
         else:
-            parser.add_argument(_flag(name), dest=name, default=None, help=f"{field.description} (default: {default})")
+            parser.add_argument(_flag(name), dest=name, default=None, help=_help(field.description, default))
     return parser
 
 
