@@ -158,7 +158,7 @@ async def open_loop(
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             due += 1
-        await asyncio.sleep(max(0.0, start + due / rate - now()))
+        await asyncio.sleep(min(max(0.0, start + due / rate - now()), 0.05))  # 50 ms: see stop and the end
     if tasks:
         await asyncio.wait(tasks, timeout=timeout_s + 5)
     for _, conn in idle:
