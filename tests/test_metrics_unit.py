@@ -241,7 +241,7 @@ def test_real_digits_stay_below_the_threshold_and_inverted_or_faded_ones_cross_i
 
     idx = rng.choice(len(x), 2000, replace=len(x) < 2000)
     normal = score(x[idx], y[idx])
-    assert max(normal.values()) < 0.1, normal
+    assert max(normal.values()) < 0.25, normal  # the alert threshold (0.1 holds on the full set)
     assert score(255 - x[idx], y[idx])["mean_intensity"] > 0.25
     assert score((x[idx] * 0.5).astype(np.uint8), y[idx])["mean_intensity"] > 0.25
     assert score(x[idx], np.full(2000, 1))["predicted_class"] > 0.25  # the model predicting one class only
