@@ -116,7 +116,7 @@ def _session_options(settings: Settings) -> ort.SessionOptions:
     spin = "1" if settings.allow_spinning else "0"
     opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
     opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors are logged once, as JSON, by the batcher
     return opts
 
 

@@ -500,7 +500,7 @@ _INFER_ERRORS: dict[int | str, dict[str, Any]] = {
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     svc = state_of(request)
     settings = svc.settings
-    body = await read_body(request, settings.max_body_bytes, settings.request_timeout_s)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     body = _decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)
     _, budget = admitted(svc, request)
     model = svc.registry.get(name, version)

@@ -129,7 +129,7 @@ async def predict(request: Request) -> Response:
     ct = decode.media_type(request.headers.get("content-type"))
     if ct not in (decode.JSON, decode.PNG, decode.MULTIPART):
         raise decode.unsupported(ct, (decode.JSON, decode.PNG, decode.MULTIPART))
-    body = await read_body(request, settings.max_body_bytes, settings.request_timeout_s)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     model, budget = admitted(svc, request)
     scale = float(model.metadata["preprocessing"].get("scale", 1 / 255))
     if ct == decode.JSON:
@@ -188,7 +188,7 @@ async def predict_batch(request: Request) -> Response:
     ct = decode.media_type(request.headers.get("content-type"))
     if ct not in _BATCH_TYPES:
         raise decode.unsupported(ct, _BATCH_TYPES)
-    body = await read_body(request, settings.max_body_bytes, settings.request_timeout_s)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     model, budget = admitted(svc, request)
     scale = float(model.metadata["preprocessing"].get("scale", 1 / 255))
     limit = settings.max_images_per_request
