@@ -42,8 +42,8 @@ CORRUPTIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "mnist-mlp" / "1", help="model folder")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "mnist.npz",
-                        help="mnist.npz (Keras layout); default ../shared, else tests/fixtures/mnist_small.npz")  # fmt: skip
+    parser.add_argument("--data", type=Path, default=ROOT / "tests" / "fixtures" / "mnist_small.npz",
+                        help="mnist.npz (Keras layout); default: the small fixture of real digits")  # fmt: skip
     parser.add_argument("--window", type=int, default=Settings().drift_window, help="images per window")
     parser.add_argument("--trials", type=int, default=20, help="random windows per row (median and max shown)")
     args = parser.parse_args()
