@@ -222,7 +222,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 async def _warm_up(svc: ServiceState) -> None:
     try:
         for model in svc.registry.models:
-            sizes = await asyncio.to_thread(model.warm_up, svc.batcher.largest_batch)
+            sizes = await asyncio.to_thread(model.warm_up, svc.settings.largest_batch)
             log.info("warmed up", extra={"model": model.name, "version": model.version, "batch_sizes": sizes})
     except Exception:
         log.exception("warm-up failed; the service stays not ready")

@@ -99,11 +99,6 @@ class Batcher:
         self._sec_per_image = 2e-5
         self._last_batch_s = 0.0
 
-    @property
-    def largest_batch(self) -> int:
-        """The most images one engine call can get (what warm-up must cover)."""
-        return max(self.max_batch_size, self.bulk_chunk_images)
-
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
         if self._task is None:

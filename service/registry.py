@@ -107,7 +107,7 @@ class ModelRegistry:
             if model.name != self.name or model.version != version:
                 raise ModelLoadError(f"metadata names {model.name}/{model.version}, expected {self.name}/{version}")
             self._check_contract(model)
-            await asyncio.to_thread(model.warm_up, max(self.settings.max_batch_size, self.settings.bulk_chunk_images))
+            await asyncio.to_thread(model.warm_up, self.settings.largest_batch)
             self._models = {**self._models, version: model}
             if make_default:
                 self._default = model

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
         "starves new connections (probes included) while many busy ones are open (docs/reliability.md).",
     )
 
+    @property
+    def largest_batch(self) -> int:
+        """The most images one engine call can get: what warm-up must cover."""
+        return max(self.max_batch_size, self.bulk_chunk_images)
+
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
