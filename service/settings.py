@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     # Network
     host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 in containers).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    grpc_port: int = Field(
+        0, ge=0, le=65535, description="TCP port of the gRPC front-end (Open Inference Protocol); 0 = off."
+    )
 
     # Model
     model_repository: Path = Field(Path("models"), description="Folder holding <name>/<version>/model.onnx.")
@@ -53,6 +56,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
     max_images_per_request: int = Field(4096, ge=1, description="Most images in one batch request.")
     max_png_pixels: int = Field(4096 * 4096, ge=784, description="Largest PNG (width*height) decoded.")
+    grpc_max_message_bytes: int | None = Field(
+        None, ge=1024, description="Largest gRPC request message (RESOURCE_EXHAUSTED above); unset = max_body_bytes."
+    )
 
     # Lifecycle and operations
     drain_timeout_s: float = Field(20.0, ge=0, description="Grace period after SIGTERM before exit.")
