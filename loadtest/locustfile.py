@@ -3,7 +3,8 @@
 - ``JsonUser``: single-image JSON, back to back (no think time);
 - ``PngUser``: single-image PNG, back to back;
 - ``BulkUser``: the bulk endpoint, raw uint8 bodies with binary answers and JSON bodies;
-- ``MixedUser``: what a real client population does, with think times of 0.5-3 s: mostly single JSON,
+- ``MixedUser``: what a real client population does, with think times of 0.5-3 s (``profiles.MIXED_THINK_S``;
+  20 users offer at most about 11 req/s): mostly single JSON,
   some PNG, occasional bulk jobs, model metadata reads, and feedback with the true label of an earlier
   prediction.
 
@@ -27,6 +28,8 @@ from typing import Any
 import numpy as np
 from locust import FastHttpUser, between, task
 from PIL import Image
+
+from loadtest.profiles import MIXED_THINK_S
 
 ROOT = Path(__file__).resolve().parent.parent
 BULK_SIZE = int(os.environ.get("MNIST_LOADTEST_BULK", "256"))
@@ -182,7 +185,7 @@ class BulkUser(_Base):
 class MixedUser(_Base):
     """A realistic client: think time between actions, mostly single digits, some bulk, some feedback."""
 
-    wait_time = between(0.5, 3.0)
+    wait_time = between(*MIXED_THINK_S)
 
     @task(12)
     def single_json(self) -> None:
