@@ -1,21 +1,36 @@
-"""HTTP-level guards uvicorn lacks: a header size cap, a header timeout and a request-read timeout.
+"""HTTP-level guards uvicorn lacks, and the in-flight limits.
 
 uvicorn's httptools protocol (0.54) sets no limit on the size of the request headers (one client streaming an
-endless header grows the process by as much as it sends) and no timer before the first response (a
-connection that sends nothing, or a header a byte a second, is held forever). ``guarded_protocol`` returns a
-subclass that closes both holes and answers in the service's JSON error shape:
+endless header grows the process by as much as it sends: httptools buffers a header name or value until its
+CRLF and calls back only then), no timer before the first response (a connection that sends nothing, or a
+header a byte a second, is held forever), no body limit and no body timer. ``guarded_protocol`` returns a
+subclass that closes these holes and answers in the service's JSON error shape, every answer closing the
+connection:
 
-- 431 ``headers_too_large`` when the request line plus headers exceed ``max_header_bytes``;
+- 431 ``headers_too_large`` when the request line plus headers exceed ``max_header_bytes``: counted twice,
+  from the parser's callbacks and from the bytes received while the headers are incomplete (whatever the
+  parser buffers without calling back);
 - 408 ``header_timeout`` when a connection has not sent complete headers ``header_timeout_s`` after it
   opened (or after its previous request began);
-- a connection whose body has not fully arrived ``body_timeout_s`` after its headers is closed (the routes
-  that read bodies answer 400 ``body_timeout`` before this backstop fires).
+- 413 ``payload_too_large`` when a declared ``Content-Length`` exceeds ``max_body_bytes`` (before any of the
+  body is read, on every route), or when a chunked body passes it;
+- 501 ``unsupported_transfer_encoding`` for any transfer coding but ``chunked``; 400
+  ``invalid_transfer_encoding`` for ``Transfer-Encoding`` on HTTP/1.0 (RFC 9112, 6.1) or an empty coding;
+- 400 ``body_timeout`` when the body has not fully arrived ``body_timeout_s`` after the headers and no
+  response has started (the connection is closed either way).
+
+``InflightLimit`` (pure ASGI, outermost) bounds the inference requests processed at once and the request
+body bytes in flight, by declared size; when the load falls it hands freed heap memory back to the
+operating system (``malloc_trim``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -26,27 +41,44 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 log = logging.getLogger("service.guards")
 
+MiB = 1024 * 1024
+_SAFE_ID = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
 
 @dataclass(frozen=True)
 class HttpLimits:
     max_header_bytes: int = 32 * 1024
     header_timeout_s: float = 10.0
-    body_timeout_s: float = 11.0
+    body_timeout_s: float = 10.0
+    max_body_bytes: int = 16 * MiB
 
 
-class _HeadersTooLarge(Exception):
-    """Raised inside a parser callback: httptools turns it into HttpParserCallbackError."""
+class _Refused(Exception):
+    """Raised inside a parser callback to stop parsing: httptools turns it into HttpParserCallbackError."""
 
 
-def error_response(status: int, code: str, message: str) -> bytes:
+def error_response(status: int, code: str, message: str, request_id: str | None = None) -> bytes:
     """A complete HTTP/1.1 response in the service's error shape, closing the connection."""
-    body = orjson.dumps({"error": {"code": code, "message": message, "request_id": None}})
+    body = orjson.dumps({"error": {"code": code, "message": message, "request_id": request_id}})
+    rid = b"x-request-id: " + request_id.encode() + b"\r\n" if request_id else b""
     head = (
         b"content-type: application/json\r\ncontent-length: "
         + str(len(body)).encode()
-        + b"\r\nconnection: close\r\n\r\n"
+        + b"\r\n"
+        + rid
+        + b"connection: close\r\n\r\n"
     )
     return STATUS_LINE[status] + head + body
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's ``X-Request-ID`` when it is safe to echo (the app's rule), else a fresh one."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            if 0 < len(value) <= 128 and set(value) <= _SAFE_ID:
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -54,14 +86,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._header_bytes = 0
-        self._headers_too_large = False
+        self._header_bytes = 0  # request line + headers, as the parser reports them
+        self._head_bytes = 0  # bytes received while the headers were incomplete (what the parser may buffer)
+        self._in_head = True
+        self._events = 0  # headers-complete / message-complete events: a chunk with one is not all headers
+        self._body_bytes = 0
+        self._refusal: tuple[int, str, str, str | None] | None = None
         self._read_timer: asyncio.TimerHandle | None = None
         self._arm(self.limits.header_timeout_s, self._header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        events = self._events
+        super().data_received(data)
+        if self._in_head and self._events == events and not self.transport.is_closing():
+            # No event in this chunk: all of it belongs to headers still incomplete. httptools keeps a header
+            # name or value without its CRLF in its own buffer, so the callbacks alone cannot see it grow.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._answer(*self._too_large_headers())
 
     # -------------------------------------------------------------- timers
     def _arm(self, delay_s: float, callback: Any) -> None:
@@ -80,18 +126,56 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         limit = self.limits.header_timeout_s
         log.info("closing a connection that sent no complete request headers in time",
                  extra={"client": self.client and self.client[0], "timeout_s": limit})  # fmt: skip
-        if self.cycle is None or self.cycle.response_complete:  # never interleave with a response being sent
-            self.transport.write(
-                error_response(408, "header_timeout", f"request headers must arrive within {limit:g} s")
-            )
-        self.transport.close()
+        self._answer(408, "header_timeout", f"request headers must arrive within {limit:g} s", None)
 
     def _body_timeout(self) -> None:
         self._read_timer = None
-        if not self.transport.is_closing():
-            log.info("closing a connection whose request body did not arrive in time",
-                     extra={"client": self.client and self.client[0], "timeout_s": self.limits.body_timeout_s})  # fmt: skip
+        if self.transport.is_closing():
+            return
+        limit = self.limits.body_timeout_s
+        log.info("closing a connection whose request body did not arrive in time",
+                 extra={"client": self.client and self.client[0], "timeout_s": limit})  # fmt: skip
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete:  # answered already (a 413, say): only close
             self.transport.close()
+            return
+        rid = (cycle.scope.get("state") or {}).get("request_id") if cycle is not None else None
+        self._answer(400, "body_timeout", f"the body did not arrive within {limit:g} s", rid)
+
+    # -------------------------------------------------------------- answering
+    def _answer(self, status: int, code: str, message: str, request_id: str | None) -> None:
+        """Write one error response and close, unless a response is already on its way (then only close).
+
+        The request being handled, if any, is marked disconnected first: the app's ``receive`` then returns
+        ``http.disconnect`` and whatever it sends is dropped, so two responses never interleave.
+        """
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.response_started:
+                self.transport.close()
+                return
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.transport.write(error_response(status, code, message, request_id))
+        self.transport.close()
+
+    def _too_large_headers(self) -> tuple[int, str, str, None]:
+        limit = self.limits.max_header_bytes
+        log.info("refusing oversized request headers", extra={"client": self.client and self.client[0]})
+        return 431, "headers_too_large", f"request line and headers exceed {limit} bytes", None
+
+    def _refuse(self, status: int, code: str, message: str, request_id: str | None) -> None:
+        """From a parser callback: stop parsing; ``send_400_response`` answers."""
+        self._refusal = (status, code, message, request_id)
+        raise _Refused
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn calls this for any parser error; answer in the service's JSON shape (ours when refused)."""
+        refusal = self._refusal or (400, "malformed_http", "the request is not valid HTTP/1.1", None)
+        self._answer(*refusal)
 
     # -------------------------------------------------------------- parser callbacks
     def on_message_begin(self) -> None:
@@ -111,30 +195,57 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _count(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > self.limits.max_header_bytes:
-            self._headers_too_large = True
-            raise _HeadersTooLarge
+            self._refuse(*self._too_large_headers())
 
     def on_headers_complete(self) -> None:
+        self._events += 1
+        self._in_head = False
+        self._head_bytes = 0
+        self._body_bytes = 0
+        self._check_framing()
         self._arm(self.limits.body_timeout_s, self._body_timeout)
         super().on_headers_complete()
 
+    def _check_framing(self) -> None:
+        """Transfer codings and the declared body size, before the request reaches the app."""
+        codings: list[bytes] = []
+        length = None
+        for name, value in self.headers:
+            if name == b"transfer-encoding":
+                codings += [c.strip().lower() for c in value.split(b",")]
+            elif name == b"content-length":
+                length = value
+        if codings:
+            if self.parser.get_http_version() != "1.1":
+                self._refuse(400, "invalid_transfer_encoding", "Transfer-Encoding is not allowed in HTTP/1.0",
+                             _request_id(self.headers))  # fmt: skip
+            if not all(codings):
+                self._refuse(400, "invalid_transfer_encoding", "Transfer-Encoding has an empty coding",
+                             _request_id(self.headers))  # fmt: skip
+            if codings != [b"chunked"]:
+                shown = b", ".join(codings).decode("latin-1")[:100]
+                self._refuse(501, "unsupported_transfer_encoding",
+                             f"transfer coding {shown!r} is not supported; only chunked is",
+                             _request_id(self.headers))  # fmt: skip
+        limit = self.limits.max_body_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            self._refuse(413, "payload_too_large", f"the body is {int(length)} bytes; the limit is {limit}",
+                         _request_id(self.headers))  # fmt: skip
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > self.limits.max_body_bytes and not self.cycle.response_complete:
+            rid = (self.cycle.scope.get("state") or {}).get("request_id")
+            self._refuse(413, "payload_too_large", f"the body exceeds the limit of {self.limits.max_body_bytes} bytes",
+                         rid)  # fmt: skip
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
+        self._events += 1
+        self._in_head = True
+        self._head_bytes = 0
         self._disarm()
         super().on_message_complete()
-
-    def send_400_response(self, msg: str) -> None:
-        """uvicorn calls this for any parser error; answer in the service's JSON shape (431 when ours)."""
-        self._disarm()
-        if self.transport.is_closing():
-            return
-        if self._headers_too_large:
-            log.info("refusing oversized request headers", extra={"client": self.client and self.client[0]})
-            limit = self.limits.max_header_bytes
-            data = error_response(431, "headers_too_large", f"request line and headers exceed {limit} bytes")
-        else:
-            data = error_response(400, "malformed_http", "the request is not valid HTTP/1.1")
-        self.transport.write(data)
-        self.transport.close()
 
 
 def guarded_protocol(limits: HttpLimits) -> type[GuardedHttpToolsProtocol]:
@@ -152,45 +263,116 @@ def is_inference(scope: Scope) -> bool:
     return scope["method"] == "POST" and (path.startswith("/v1/predict") or path.endswith("/infer"))
 
 
-class InflightLimit:
-    """Pure ASGI, outermost: at most ``limit`` inference requests are processed at once; beyond it, 503 at once.
+def _load_malloc_trim() -> Callable[[], int] | None:
+    """glibc's ``malloc_trim(0)``: returns free heap pages of every arena to the OS (None off glibc)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: int(trim(0))
 
-    A request counts from the moment its body has fully arrived (the app's ``receive`` returns the last
-    chunk) until its response ends, so slow uploaders hold no slot (the body timeout bounds them). The
-    check happens when the request starts, before any routing or decoding, and the refusal is a prebuilt
-    response: under overload a refusal must cost far less than the work it sheds, or the refusals alone
-    fill the CPU (measured in docs/reliability.md). The refusal closes the connection: a client retrying at
-    once must reconnect (which slows a retry storm), and behind an L4 balancer (a Kubernetes Service) the new
-    connection may land on another replica. Health, readiness, metrics and metadata are never limited, so
-    probes keep working under overload.
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _declared_body(scope: Scope, chunked_bytes: int) -> int:
+    """Bytes the request says its body holds: Content-Length, ``chunked_bytes`` for a chunked body, else 0."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+        if name == b"transfer-encoding":
+            return chunked_bytes
+    return 0
+
+
+class InflightLimit:
+    """Pure ASGI, outermost: two admission bounds answered at once with a prebuilt 503, and heap trimming.
+
+    - At most ``limit`` inference requests are processed at once. A request counts from the moment its body
+      has fully arrived (the app's ``receive`` returns the last chunk) until its response ends, so slow
+      uploaders hold no slot (the body timeout bounds them).
+    - At most ``max_body_bytes_in_flight`` bytes of request bodies, on every route, by declared size (a
+      chunked body counts as ``max_body_bytes``, the most it can be), from the request's start to its
+      response's end: what bodies, their copies and their decoded arrays can hold at once grows with it,
+      not with the number of connections. A request alone is always admitted (``max_body_bytes`` bounds it).
+
+    The checks happen when the request starts, before any routing or body read, and the refusal is a
+    prebuilt response: under overload a refusal must cost far less than the work it sheds, or the refusals
+    alone fill the CPU (measured in docs/reliability.md). The refusal closes the connection: a client
+    retrying at once must reconnect (which slows a retry storm), and behind an L4 balancer (a Kubernetes
+    Service) the new connection may land on another replica. Requests without a body (health, readiness,
+    metrics, metadata) are never limited, so probes keep working under overload.
+
+    When no body is in flight any more and at least ``trim_after_bytes`` of bodies went through since the
+    last trim, glibc's ``malloc_trim(0)`` runs in a worker thread: large buffers freed by the requests stay
+    in the allocator's arenas otherwise, and the process's resident memory would never come back down
+    after a burst (measured in docs/reliability.md).
     """
 
-    def __init__(self, app: ASGIApp, limit: int, on_refuse: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        on_refuse: Callable[[], None] | None = None,
+        *,
+        max_body_bytes_in_flight: int = 64 * MiB,
+        max_body_bytes: int = 16 * MiB,
+        trim_after_bytes: int = 32 * MiB,
+        trim_delay_s: float = 0.5,
+    ) -> None:
         self.app = app
-        self.limit = limit
+        self.limit = limit if limit > 0 else 2**62
         self.processing = 0
+        self.body_bytes = 0
+        self.max_body_bytes_in_flight = max_body_bytes_in_flight
+        self.max_body_bytes = max_body_bytes
         self.on_refuse = on_refuse
-        self._body = orjson.dumps(
-            {"error": {"code": "too_many_requests", "request_id": None,
-                       "message": f"{limit} inference requests are already in progress; retry later"}}
-        )  # fmt: skip
-        self._headers = [
+        self.trim_after_bytes = trim_after_bytes
+        self.trim_delay_s = trim_delay_s
+        self.trims = 0
+        self._since_trim = 0
+        self._trim_pending = False
+        self._refusal_requests = self._refusal(f"{limit} inference requests are already in progress; retry later")
+        self._refusal_bytes = self._refusal(
+            f"{max_body_bytes_in_flight} bytes of request bodies are already in progress; retry later"
+        )
+
+    @staticmethod
+    def _refusal(message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        body = orjson.dumps({"error": {"code": "too_many_requests", "request_id": None, "message": message}})
+        headers = [
             (b"content-type", b"application/json"),
-            (b"content-length", str(len(self._body)).encode()),
+            (b"content-length", str(len(body)).encode()),
             (b"retry-after", b"1"),
             (b"connection", b"close"),
         ]
+        return headers, body
+
+    async def _refuse(self, send: Send, refusal: tuple[list[tuple[bytes, bytes]], bytes]) -> None:
+        if self.on_refuse is not None:
+            self.on_refuse()
+        await send({"type": "http.response.start", "status": 503, "headers": refusal[0]})
+        await send({"type": "http.response.body", "body": refusal[1]})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_inference(scope):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.processing >= self.limit:
-            if self.on_refuse is not None:
-                self.on_refuse()
-            await send({"type": "http.response.start", "status": 503, "headers": self._headers})
-            await send({"type": "http.response.body", "body": self._body})
+        declared = _declared_body(scope, self.max_body_bytes)
+        inference = is_inference(scope)
+        if not declared and not inference:
+            await self.app(scope, receive, send)
             return
+        if inference and self.processing >= self.limit:
+            await self._refuse(send, self._refusal_requests)
+            return
+        if declared and self.body_bytes and self.body_bytes + declared > self.max_body_bytes_in_flight:
+            await self._refuse(send, self._refusal_bytes)
+            return
+        self.body_bytes += declared
         counted = False
 
         async def counting_receive() -> Message:
@@ -205,7 +387,21 @@ class InflightLimit:
         # callers that hung up without a task per request; keep it reachable through the wrapper.
         setattr(counting_receive, "connection", getattr(receive, "__self__", None))  # noqa: B010
         try:
-            await self.app(scope, counting_receive, send)
+            await self.app(scope, counting_receive if inference else receive, send)
         finally:
             if counted:
                 self.processing -= 1
+            self.body_bytes -= declared
+            self._since_trim += declared
+            if not self.body_bytes and self._since_trim >= self.trim_after_bytes and not self._trim_pending:
+                self._trim_pending = True
+                asyncio.get_running_loop().call_later(self.trim_delay_s, self._trim_if_idle)
+
+    def _trim_if_idle(self) -> None:
+        self._trim_pending = False
+        if self.body_bytes or _MALLOC_TRIM is None:
+            return  # load came back: trim when it falls again
+        self._since_trim = 0
+        self.trims += 1
+        # Off the event loop: trimming a large heap takes milliseconds (ctypes releases the GIL meanwhile).
+        asyncio.get_running_loop().run_in_executor(None, _MALLOC_TRIM)
