@@ -4,11 +4,14 @@ Every PromQL expression of the Grafana dashboard and of the alert rules is read 
 (never copied here) and asked of Prometheus after a bounded drive of mixed traffic (good digits as JSON, PNG
 and .npy batches, bad requests, labelled feedback): each must parse and return data. A deliberate drift
 (inverted digits, then shifted digits) must take the drift score past the alert's threshold while random
-real digits stay below it.
+real digits stay below it. The quality alerts must not be forgeable by one client: one big batch cannot raise
+the drift alert and one client's wrong-label feedback cannot raise the accuracy alert, while the same shift
+seen across many requests, or reported by many clients, does.
 """
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import io
 import json
@@ -16,6 +19,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -49,6 +53,11 @@ SCRAPE_INTERVAL = "1s"
 #: What Grafana's range variables become in the test (the drive is shorter than the dashboard's 5 s x 4).
 RATE_WINDOW = "1m"
 DRIFT_WINDOW = 2000  # the service's default --drift-window
+#: Distinct client addresses of the drive's predictions and feedback (Linux routes all of 127.0.0.0/8 to lo).
+CLIENT_ADDRESSES = [f"127.0.0.{i}" for i in range(2, 8)]
+#: The feedback rate limit is per client and the drive is as fast as the machine: lifted for the drive, so the
+#: tally does not depend on machine speed (the limit has its own tests).
+NO_FEEDBACK_LIMIT = {"MNIST_FEEDBACK_RATE_PER_S": "0"}
 _COMPARISON = re.compile(
     r"^(?P<signal>.*\S)\s*(?P<op>==|!=|>=|<=|>|<)\s*(?P<threshold>[-+]?\d+(\.\d*)?([eE][-+]?\d+)?)$", re.S
 )
@@ -185,18 +194,62 @@ def test_grafana_provisioning_matches_the_dashboard() -> None:
             assert 'job="$job"' in target["expr"], f"{panel['title']}: {target['expr']}"
     titles = " | ".join(p["title"] for p in _walk_panels(board["panels"])).lower()
     for topic in ("throughput", "latency", "errors", "batch size", "queue depth", "queue wait", "cpu", "memory",
-                  "class distribution", "confidence", "drift", "accuracy", "provider", "readiness"):  # fmt: skip
+                  "class distribution", "confidence", "drift", "accuracy", "provider", "readiness",
+                  "distinct requests", "distinct clients"):  # fmt: skip
         assert topic in titles, f"no dashboard panel about {topic}"
 
 
-def test_dashboard_json_is_what_its_builder_writes() -> None:
-    """observability/grafana/build_dashboard.py is the source; the committed JSON must be its output."""
+def dashboard_builder() -> Any:
     spec = importlib.util.spec_from_file_location("build_dashboard", OBS / "grafana" / "build_dashboard.py")
     assert spec is not None
     assert spec.loader is not None
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
+    return builder
+
+
+def test_dashboard_json_is_what_its_builder_writes() -> None:
+    """observability/grafana/build_dashboard.py (Grafana's Foundation SDK) is the source; the JSON is its output."""
+    builder = dashboard_builder()
     assert DASHBOARD.read_text() == builder.render(), "stale JSON: run observability/grafana/build_dashboard.py"
+    assert builder.dashboard() == dashboard()
+    # Typed: the panels are the SDK's models, not dicts.
+    from grafana_foundation_sdk.models import dashboard as dm
+
+    built = builder.build()
+    assert isinstance(built, dm.Dashboard)
+    assert built.panels
+    assert all(isinstance(p, dm.Panel | dm.RowPanel) for p in built.panels)
+
+
+def _quorum(rules_expr: str, metric: str) -> float:
+    m = re.search(rf"{metric}\{{[^}}]*\}} >= (\d+)", rules_expr)
+    assert m, f"no '{metric} >= N' quorum in {rules_expr}"
+    return float(m[1])
+
+
+def test_quality_alerts_demand_a_quorum_and_the_dashboard_shows_it() -> None:
+    rules = {r["alert"]: r["expr"] for r in alert_rules()}
+    drift, accuracy = rules["MnistInputDrift"], rules["MnistAccuracyDrop"]
+    requests = _quorum(drift, "mnist_drift_window_requests")
+    samples = _quorum(accuracy, "mnist_production_accuracy_samples")
+    sources = _quorum(accuracy, "mnist_feedback_sources")
+    assert requests >= 2
+    assert sources >= 2
+    assert samples >= 100
+    builder = dashboard_builder()
+    quorums = (builder.DRIFT_MIN_REQUESTS, builder.ACCURACY_MIN_SAMPLES, builder.ACCURACY_MIN_SOURCES)
+    assert quorums == (requests, samples, sources)
+    panels = {p["title"]: p for p in _walk_panels(dashboard()["panels"])}
+    guards = {
+        "Drift window: images and distinct requests": ("mnist_drift_window_requests", requests),
+        "Accuracy window: samples and distinct clients": ("mnist_feedback_sources", sources),
+    }
+    for title, (metric, quorum) in guards.items():
+        panel = panels[title]
+        assert any(metric in t["expr"] for t in panel["targets"]), title
+        lines = [s["value"] for s in panel["fieldConfig"]["defaults"]["thresholds"]["steps"]]
+        assert quorum in lines, (title, lines)
 
 
 # ------------------------------------------------------------------------------------------- the live stack
@@ -335,12 +388,18 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
     statuses: Counter[tuple[str, int]] = field(default_factory=Counter)
     feedback: Counter[str] = field(default_factory=Counter)
+    sources: set[str] = field(default_factory=set)  # client addresses of scored feedback
     images: int = 0
 
     def add(self, route: str, status: int, images: int = 0) -> None:
         with self.lock:
             self.statuses[(route, status)] += 1
             self.images += images
+
+
+def client_from(url: str, address: str) -> httpx.Client:
+    """A client whose connections come from ``address`` (a distinct client to the service)."""
+    return httpx.Client(base_url=url, timeout=30, transport=httpx.HTTPTransport(local_address=address))
 
 
 def drive(url: str, x: np.ndarray, y: np.ndarray, seconds: float) -> Tally:
@@ -350,11 +409,14 @@ def drive(url: str, x: np.ndarray, y: np.ndarray, seconds: float) -> Tally:
     errors: list[BaseException] = []
 
     def interactive() -> None:
-        with httpx.Client(base_url=url, timeout=30) as c:
+        """Single predictions and their feedback, round robin over several client addresses."""
+        clients = [client_from(url, address) for address in CLIENT_ADDRESSES]
+        try:
             for i in range(20_000):
                 if time.monotonic() > stop_at:
                     return
                 k = i % len(x)
+                c = clients[i % len(clients)]
                 if i % 10 == 9:
                     r = c.post("/v1/predict", content=png(x[k]), headers={"content-type": "image/png"})
                 else:
@@ -369,6 +431,10 @@ def drive(url: str, x: np.ndarray, y: np.ndarray, seconds: float) -> Tally:
                     tally.add("/v1/feedback", 200)
                     with tally.lock:
                         tally.feedback["correct" if correct else "incorrect"] += 1
+                        tally.sources.add(CLIENT_ADDRESSES[i % len(clients)])
+        finally:
+            for c in clients:
+                c.close()
 
     def batches() -> None:
         rng = np.random.default_rng(1)
@@ -387,6 +453,7 @@ def drive(url: str, x: np.ndarray, y: np.ndarray, seconds: float) -> Tally:
                 correct = fb.json()["correct"]
                 with tally.lock:
                     tally.feedback["correct" if correct else "incorrect"] += 1
+                    tally.sources.add("127.0.0.1")
                 time.sleep(0.02)
 
     def bad_and_misc() -> None:
@@ -435,7 +502,11 @@ def drive(url: str, x: np.ndarray, y: np.ndarray, seconds: float) -> Tally:
 
 def scraped(server: Server) -> dict[str, list[tuple[dict[str, str], float]]]:
     """The service's /metrics as {sample name: [(labels, value)]}."""
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return scraped_url(server.url)
+
+
+def scraped_url(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
     out: dict[str, list[tuple[dict[str, str], float]]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -475,7 +546,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     repo, name = model_repo(tmp)
     x, y = digits()
     server = start_server(repo, tmp, "--model-name", name, "--no-access-log", "--feedback-window", "1000000",
-                          "--drift-window", str(DRIFT_WINDOW))  # fmt: skip
+                          "--drift-window", str(DRIFT_WINDOW), env=NO_FEEDBACK_LIMIT)  # fmt: skip
     try:
         prom = start_prometheus(tmp, server.port)
         try:
@@ -549,9 +620,17 @@ def test_metrics_agree_with_what_the_client_saw(stack: Stack) -> None:
     for outcome in ("correct", "incorrect", "unknown_request"):
         assert fb[outcome] == stack.tally.feedback[outcome], outcome
     labelled = stack.tally.feedback["correct"] + stack.tally.feedback["incorrect"]
-    assert labelled >= 200  # enough for the accuracy alert's guard
+    assert labelled >= 200  # enough for the accuracy alert's quorum
     (accuracy,) = (v for _, v in m["mnist_production_accuracy"])
     assert accuracy == pytest.approx(stack.tally.feedback["correct"] / labelled)
+    assert m["mnist_production_accuracy_samples"][0][1] == labelled  # the window (1,000,000) holds them all
+    # Distinct clients behind the accuracy: the drive's addresses, each one counted once.
+    assert len(stack.tally.sources) == len(CLIENT_ADDRESSES) + 1
+    assert m["mnist_feedback_sources"][0][1] == len(stack.tally.sources)
+    # The drift window (2000 images) holds the images of many requests, at most 64 images from each.
+    window_images, window_requests = m["mnist_drift_window_images"][0][1], m["mnist_drift_window_requests"][0][1]
+    assert window_images == DRIFT_WINDOW
+    assert DRIFT_WINDOW / 64 <= window_requests <= DRIFT_WINDOW
     images = sum(v for _, v in m["mnist_images_processed_total"])
     assert images == stack.tally.images
     assert sum(v for _, v in m["mnist_predictions_total"]) == images
@@ -625,6 +704,198 @@ def test_drift_crosses_the_alert_threshold_only_for_drifted_digits(stack: Stack)
         assert all(v < threshold for v in recovered.values()), recovered
     print(f"\ndrift PSI, model {stack.model} (threshold {threshold}): normal {normal}, inverted {inverted}, shifted 4px {shifted}, "
           f"normal again {recovered}")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- forgery
+@dataclass
+class Fresh:
+    """A service with default quality windows and a Prometheus with the rules, nothing sent yet."""
+
+    server: Server
+    prom: Prometheus
+    job: str
+    x: np.ndarray
+
+    def settle(self, t: float) -> None:
+        """Until Prometheus has scraped the service after ``t`` and evaluated the quality rules after that scrape."""
+        scraped_at = wait_for("a fresh scrape", lambda: self._scrape_time(t), 30)
+
+        def evaluated() -> bool:
+            groups = self.prom.get("/api/v1/rules")["groups"]
+            (group,) = (g for g in groups if g["name"] == "mnist-quality")
+            return _epoch(group["lastEvaluation"]) > scraped_at
+
+        wait_for("the quality rules evaluated on it", evaluated, 30)
+
+    def _scrape_time(self, t: float) -> float | None:
+        res = self.prom.query(f'timestamp(up{{job="{self.job}"}})')
+        scraped_at = float(res[0]["value"][1]) if res else 0.0
+        return scraped_at if scraped_at > t + 1.0 else None
+
+    def alerts(self, name: str) -> list[dict[str, Any]]:
+        return [a for a in self.prom.get("/api/v1/alerts")["alerts"] if a["labels"]["alertname"] == name]
+
+
+def _epoch(rfc3339: str) -> float:
+    """Prometheus's RFC 3339 timestamps (nanoseconds, Z) as epoch seconds."""
+    m = re.fullmatch(r"(.+?)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", rfc3339)
+    assert m, rfc3339
+    base = datetime.datetime.fromisoformat(m[1] + ("+00:00" if m[3] == "Z" else m[3]))
+    return base.timestamp() + (float(f"0.{m[2]}") if m[2] else 0.0)
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[Fresh]:
+    repo, name = model_repo(tmp_path)
+    server = start_server(repo, tmp_path, "--model-name", name, "--no-access-log", env=NO_FEEDBACK_LIMIT)
+    try:
+        prom = start_prometheus(tmp_path, server.port)
+        try:
+            job = scrape_job()
+            wait_for("the target to be up", lambda: prom.query(f'up{{job="{job}"}} == 1'), 30)
+            yield Fresh(server, prom, job, digits()[0])
+        finally:
+            prom.stop()
+    finally:
+        assert server.terminate() == 0, server.logs()[-3000:]
+
+
+def _rule(name: str) -> dict[str, Any]:
+    (rule,) = (r for r in alert_rules() if r["alert"] == name)
+    return rule
+
+
+def _wrong_feedback(url: str, address: str, images: np.ndarray) -> None:
+    """From one client address: a batch prediction, then a wrong label for every image of it."""
+    with client_from(url, address) as c:
+        r = c.post("/v1/predict/batch", content=npy(images), headers={"content-type": "application/x-npy"})
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        for i, label in enumerate(doc["labels"]):
+            fb = c.post("/v1/feedback", json={"request_id": doc["request_id"], "label": (label + 1) % 10, "index": i})
+            assert fb.status_code == 200, fb.text
+            assert fb.json()["correct"] is False
+
+
+@pytest.mark.prometheus
+@pytest.mark.slow
+def test_one_client_cannot_raise_the_accuracy_alert_but_many_clients_can(fresh: Fresh) -> None:
+    rule = _rule("MnistAccuracyDrop")
+    # 400 predictions and 400 wrong-label feedbacks from one client (the rate limit lifted: the quorum must hold).
+    _wrong_feedback(fresh.server.url, "127.0.0.1", fresh.x[:400])
+    m = scraped(fresh.server)
+    assert m["mnist_production_accuracy"][0][1] == 0.0
+    assert m["mnist_production_accuracy_samples"][0][1] == 400
+    assert m["mnist_feedback_sources"][0][1] == 1
+    fresh.settle(time.time())
+    assert fresh.prom.query(f'mnist_feedback_sources{{job="{fresh.job}"}} == 1'), "Prometheus has the gauge"
+    assert fresh.prom.query(rule["expr"]) == []
+    assert fresh.alerts("MnistAccuracyDrop") == [], "one client must not raise the accuracy alert"
+
+    # The same wrong answers reported by five more clients: six distinct sources, 720 samples.
+    for address in CLIENT_ADDRESSES[:5]:
+        _wrong_feedback(fresh.server.url, address, fresh.x[:64])
+    m = scraped(fresh.server)
+    assert m["mnist_feedback_sources"][0][1] == 6
+    assert m["mnist_production_accuracy_samples"][0][1] == 400 + 5 * 64
+    alerts = wait_for("MnistAccuracyDrop pending", lambda: fresh.alerts("MnistAccuracyDrop"), 30)
+    assert alerts[0]["state"] in ("pending", "firing")
+    assert alerts[0]["labels"]["instance"] == f"127.0.0.1:{fresh.server.port}"
+
+
+@pytest.mark.prometheus
+@pytest.mark.slow
+def test_one_big_batch_cannot_raise_the_drift_alert_but_many_requests_can(fresh: Fresh) -> None:
+    rule = _rule("MnistInputDrift")
+    _, _, threshold = split_alert(rule["expr"])
+    with httpx.Client(base_url=fresh.server.url, timeout=60) as c:
+        # One request of 4,096 all-zero images: it adds at most 64 images to the window.
+        r = c.post("/v1/predict/batch", content=npy(np.zeros((4096, 28, 28), np.uint8)),
+                   headers={"content-type": "application/x-npy"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        m = scraped(fresh.server)
+        assert m["mnist_drift_window_requests"][0][1] == 1
+        assert m["mnist_drift_window_images"][0][1] == 64
+        assert all(math.isnan(v) for v in drift_scores(fresh.server).values())
+        fresh.settle(time.time())
+        assert fresh.prom.query(f'mnist_drift_window_requests{{job="{fresh.job}"}} == 1'), "Prometheus has the gauge"
+        assert fresh.prom.query(rule["expr"]) == []
+        assert fresh.alerts("MnistInputDrift") == [], "one batch must not raise the drift alert"
+
+        # Inverted digits in 40 requests of 64: the window (2,000 images) holds 32 requests, a real shift.
+        inverted = 255 - fresh.x[np.arange(40 * 64) % len(fresh.x)]
+        for i in range(40):
+            r = c.post("/v1/predict/batch", content=npy(inverted[i * 64 : (i + 1) * 64]),
+                       headers={"content-type": "application/x-npy"})  # fmt: skip
+            assert r.status_code == 200, r.text
+    m = scraped(fresh.server)
+    assert m["mnist_drift_window_requests"][0][1] >= 30
+    assert drift_scores(fresh.server)["mean_intensity"] > threshold
+    alerts = wait_for("MnistInputDrift pending", lambda: fresh.alerts("MnistInputDrift"), 30)
+    assert {a["labels"]["feature"] for a in alerts} >= {"mean_intensity"}
+    assert all(a["state"] in ("pending", "firing") for a in alerts)
+
+
+# ------------------------------------------------------------------------------------------- the script
+def test_demo_traffic_needs_no_httpx(tmp_path: Path) -> None:
+    """observability/demo_traffic.py runs in a venv made with the cpu extra alone (no httpx): httpx is blocked."""
+    repo, name = model_repo(tmp_path)
+    server = start_server(repo, tmp_path, "--model-name", name, "--no-access-log")
+    try:
+        code = ("import runpy, sys; sys.modules['httpx'] = None; "
+                "sys.argv = ['demo_traffic.py', '--url', sys.argv[1], '--requests', '40', '--pause-s', '0']; "
+                "runpy.run_path('observability/demo_traffic.py', run_name='__main__')")  # fmt: skip
+        res = subprocess.run([sys.executable, "-c", code, server.url], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "demo traffic: 40 predictions" in res.stdout
+        m = scraped(server)
+        assert (
+            sum(v for lb, v in m["http_requests_total"] if lb["route"] == "/v1/predict" and lb["status"] == "200") == 40
+        )
+    finally:
+        assert server.terminate() == 0, server.logs()[-3000:]
+
+
+@pytest.mark.prometheus
+def test_monitoring_stack_says_which_process_exited_and_why(tmp_path: Path) -> None:
+    """--demo-traffic runs; when a started process dies the script names it, its status and its log's tail."""
+    service_port, prom_port = free_port(), free_port()
+    state = tmp_path / "state"
+    log = tmp_path / "stack.log"
+    repo, name = model_repo(tmp_path)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(ROOT / "scripts" / "monitoring-stack"), "--service-port", str(service_port),
+             "--prometheus-port", str(prom_port), "--state-dir", str(state), "--demo-traffic", "--",
+             "--model-repository", str(repo), "--model-name", name],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+    try:
+
+        def demo_predictions() -> bool:
+            assert proc.poll() is None, log.read_text()
+            try:
+                m = scraped_url(f"http://127.0.0.1:{service_port}")
+            except httpx.HTTPError:
+                return False
+            return any(lb["route"] == "/v1/predict" and lb["status"] == "200" and v >= 20
+                       for lb, v in m.get("http_requests_total", []))  # fmt: skip
+
+        wait_for("the demo traffic to reach the service", demo_predictions, 120)
+        demo_pid = int((state / "demo-traffic.pid").read_text())
+        subprocess.run(["kill", "-KILL", str(demo_pid)], check=True)
+        assert proc.wait(timeout=60) == 1, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    text = log.read_text()
+    assert f"demo traffic (pid {demo_pid}) exited with status 137; stopping the rest" in text, text
+    assert f"last lines of {state}/demo-traffic.log:" in text, text
+    for port in (service_port, prom_port):
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
 
 
 @pytest.mark.prometheus
