@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import http.server
+import json
 import os
 import subprocess
 import sys
@@ -173,14 +174,19 @@ def test_loadtest_against_a_target_that_is_not_ready_sends_no_load(tmp_path: Pat
 
 @pytest.mark.slow
 def test_error_ratio_over_its_limit_misses_every_slo(tmp_path: Path) -> None:
-    """Every answer is wrong (golden labels that the model does not give): a generous p99 SLO must not PASS."""
+    """Every answer counts as a failure (the client expects labels the model does not give): a generous p99 SLO
+    must not PASS."""
     repo = tmp_path / "repo"
-    folder = write_model(repo, "tiny", "1", corrupt_golden=True)
+    folder = write_model(repo, "tiny", "1")
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["golden"]["labels"] = [(label + 1) % 10 for label in meta["golden"]["labels"]]
+    wrong = tmp_path / "wrong-labels.json"
+    wrong.write_text(json.dumps(meta))
     with running_server(repo, tmp_path, "--no-access-log") as server:
         out = tmp_path / "wrong"
         r = _loadtest("--host", server.url, "--profile", "json", "--users", "2", "--run-time", "2s",
                       "--out", str(out), "--p99-ms", "60000", "--max-error-ratio", "0.01",
-                      digits=folder / "metadata.json")  # fmt: skip
+                      digits=wrong)  # fmt: skip
         assert r.returncode == 1, r.stdout + r.stderr
         n, failures = _requests(out / "locust_stats.csv")
         assert n > 0
