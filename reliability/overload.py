@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,8 @@ class OverloadReport:
     recovered: bool = False
     recovery_s: float = 0.0
     recovered_p50_ms: float = 0.0
+    idle_after: bool = False  # nothing queued or in progress once the load stopped (the service's own metrics)
+    after_statuses: dict[str, int] = field(default_factory=dict)  # 5 sequential requests once idle again
     exit_code: int | None = None
 
     def lines(self) -> list[str]:
@@ -105,7 +108,8 @@ class OverloadReport:
             f"memory (RSS): start {self.rss_start_mb:.0f} MiB, max {self.rss_max_mb:.0f} MiB, "
             f"end {self.rss_end_mb:.0f} MiB",
             f"recovery: {'yes' if self.recovered else 'NO'} after {self.recovery_s:.2f} s "
-            f"(p50 then {self.recovered_p50_ms:.2f} ms)",
+            f"(p50 then {self.recovered_p50_ms:.2f} ms); idle again: {'yes' if self.idle_after else 'NO'}, "
+            f"then {self.after_statuses}",
             f"exit code after SIGTERM: {self.exit_code}",
         ]
 
@@ -170,6 +174,28 @@ async def recovery(port: int, raw: bytes, threshold_s: float, timeout_s: float) 
     return False, time.perf_counter() - start, float("nan")
 
 
+async def settle(server: serverproc.ServerProcess, raw: bytes, timeout_s: float) -> tuple[bool, dict[str, int]]:
+    """Once the load has stopped: wait until the service's metrics show nothing queued and nothing in progress
+    on the route, then send five sequential requests; returns (idle reached, their statuses)."""
+    deadline = time.monotonic() + timeout_s
+    idle = False
+    while not idle and time.monotonic() < deadline:
+        m = await asyncio.to_thread(metrics.scrape, server.url)
+        depth = sum(v for (name, _), v in m.items() if name == "mnist_queue_depth_images")
+        busy = metrics.value(m, "http_requests_in_progress", route=ROUTE)
+        idle = depth == 0 and busy == 0
+        if not idle:
+            await asyncio.sleep(0.1)
+    statuses: Counter[str] = Counter()
+    conn = await Connection.open("127.0.0.1", server.port)
+    try:
+        for _ in range(5):
+            statuses[str((await conn.request(raw)).status)] += 1
+    finally:
+        conn.close()
+    return idle, dict(statuses)
+
+
 async def measure(cfg: OverloadConfig, server: serverproc.ServerProcess, rss: serverproc.RssSampler,
                   body_file: Path, body: bytes) -> OverloadReport:  # fmt: skip
     rep = OverloadReport(overload_connections=cfg.connections)
@@ -199,6 +225,7 @@ async def measure(cfg: OverloadConfig, server: serverproc.ServerProcess, rss: se
     ok, rep.recovery_s, p50 = await recovery(server.port, raw, max(3 * percentile(base, 99), percentile(base, 99) + 0.005),
                                              cfg.recovery_timeout_s)  # fmt: skip
     rep.recovered, rep.recovery_s, rep.recovered_p50_ms = ok, round(rep.recovery_s, 3), ms(p50)
+    rep.idle_after, rep.after_statuses = await settle(server, raw, cfg.recovery_timeout_s)
     rep.rss_end_mb = round(server.rss_mb(), 1)
     rep.rss_max_mb = round(max(rss.between(t0, time.monotonic()) or [rep.rss_end_mb]), 1)
 

@@ -1,4 +1,11 @@
-"""Start ``python -m service.server`` as a child process on 127.0.0.1, watch its memory, stop it with SIGTERM."""
+"""The one launcher of the service as a child process on 127.0.0.1: start it with its real CLI, wait for
+/readyz, watch its memory, stop it with SIGTERM. The tests, the reliability scripts and the benchmark all
+start their servers through :func:`start`.
+
+``launcher`` is what follows ``python``: ``-m service.server`` by default; a wrapper module that ends with
+``--`` (e.g. ``-m tests.standin --delay-s 0.05 --`` for an engine with a controlled cost) takes the same
+server flags after it.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +17,18 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
+if TYPE_CHECKING:
+    import httpx
+
 ROOT = Path(__file__).resolve().parent.parent
+SERVER_MODULE: tuple[str, ...] = ("-m", "service.server")
 
 
 def free_port() -> int:
@@ -29,47 +42,89 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    exit_code: int | None = field(default=None)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def logs(self) -> str:
+        """Everything the process wrote to stdout and stderr so far."""
+        return self.log_path.read_text(errors="replace")
+
     def rss_mb(self) -> float:
         return float(psutil.Process(self.proc.pid).memory_info().rss) / 2**20
 
+    def client(self, **kw: Any) -> httpx.Client:
+        """An httpx client on this server (httpx is a test dependency: imported only here)."""
+        import httpx
+
+        return httpx.Client(base_url=self.url, timeout=30, **kw)
+
     def stop(self, timeout_s: float = 60) -> int:
+        """SIGTERM (a graceful drain), then SIGKILL after ``timeout_s``; returns (and keeps) the exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=timeout_s)
+            self.exit_code = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.wait()
+            self.exit_code = self.proc.wait()
+        return self.exit_code
+
+    def terminate(self, timeout: float = 30) -> int:
+        return self.stop(timeout)
 
 
-def start(
-    repo: Path, log_path: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 60
+def launch(
+    repo: Path,
+    log_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    launcher: Sequence[str] = SERVER_MODULE,
 ) -> ServerProcess:
-    """Start the service with its real CLI and wait until /readyz says 200."""
+    """Start the process on a free port (stdout and stderr to ``log_path``) without waiting for it."""
     port = free_port()
-    cmd = [sys.executable, "-m", "service.server", "--port", str(port), "--model-repository", str(repo), *args]
+    cmd = [sys.executable, *launcher, "--port", str(port), "--model-repository", str(repo), *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
-    server = ServerProcess(proc, port, log_path)
+    return ServerProcess(proc, port, log_path)
+
+
+def wait_ready(server: ServerProcess, timeout_s: float = 60) -> None:
+    """Poll /readyz until it says 200; stop the process and raise (with the log's tail) otherwise."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}; log: {log_path}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.proc.returncode}; log {server.log_path}:\n"
+                               f"{server.logs()[-5000:]}")  # fmt: skip
         try:
             with urllib.request.urlopen(f"{server.url}/readyz", timeout=1) as resp:
                 if resp.status == 200:
-                    return server
+                    return
         except OSError:
             pass
         time.sleep(0.1)
     server.stop()
-    raise RuntimeError(f"the server was not ready within {timeout_s:g} s; log: {log_path}")
+    raise RuntimeError(f"the server was not ready within {timeout_s:g} s; log {server.log_path}:\n"
+                       f"{server.logs()[-5000:]}")  # fmt: skip
+
+
+def start(
+    repo: Path,
+    log_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    launcher: Sequence[str] = SERVER_MODULE,
+    timeout_s: float = 60,
+    wait: bool = True,
+) -> ServerProcess:
+    """Start the service with its real CLI and (unless ``wait`` is false) wait until /readyz says 200."""
+    server = launch(repo, log_path, *args, env=env, launcher=launcher)
+    if wait:
+        wait_ready(server, timeout_s)
+    return server
 
 
 @dataclass

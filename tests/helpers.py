@@ -5,21 +5,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from reliability import serverproc
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "mnist-mlp" / "1"
@@ -108,60 +103,15 @@ def write_model(
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    url: str
-    port: int
-    log_path: Path
-    exit_code: int | None = field(default=None)
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def client(self, **kw: object) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kw)  # type: ignore[arg-type]
-
-    def terminate(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.exit_code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.exit_code = self.proc.wait()
-        return self.exit_code
+Server = serverproc.ServerProcess  # one launcher for the tests, the reliability scripts and the benchmark
+free_port = serverproc.free_port
 
 
 def start_server(repo: Path, tmp: Path, *args: str, env: dict[str, str] | None = None, wait_ready: bool = True,
-                 timeout: float = 60) -> Server:  # fmt: skip
-    port = free_port()
-    log_path = tmp / f"server-{port}.log"
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "service.server", "--port", str(port), "--model-repository", str(repo), *args]
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
-    server = Server(proc, f"http://127.0.0.1:{port}", port, log_path)
-    if wait_ready:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.logs()}")
-            try:
-                if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
-                    return server
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        server.terminate()
-        raise RuntimeError(f"server not ready in {timeout}s:\n{server.logs()}")
-    return server
+                 timeout: float = 60, launcher: Sequence[str] = serverproc.SERVER_MODULE) -> Server:  # fmt: skip
+    """``python -m service.server`` (or ``launcher``) on a free port, its log in ``tmp``; ready when returned."""
+    log_path = tmp / f"server-{time.monotonic_ns()}.log"
+    return serverproc.start(repo, log_path, *args, env=env, launcher=launcher, timeout_s=timeout, wait=wait_ready)
 
 
 @contextmanager
@@ -171,6 +121,42 @@ def running_server(repo: Path, tmp: Path, *args: str, env: dict[str, str] | None
         yield server
     finally:
         server.terminate()
+
+
+#: Error-level records of the service's JSON log, and anything else that is not a JSON log line but looks like
+#: a failure (a traceback on stderr, a crash message from a library).
+_FAILURE_MARKERS = ("Traceback", "ERROR", "CRITICAL", "Fatal Python error", "Segmentation fault")
+
+
+def log_failures(text: str, allow: Iterable[str] = ()) -> list[str]:
+    """The lines of a server log that report an error: JSON records at level error or critical (unless their
+    message is one of ``allow``), and non-JSON lines holding a traceback or an error marker."""
+    allowed = set(allow)
+    bad: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                bad.append(line)  # a JSON log line cut or mixed with other output
+                continue
+            if record.get("level") in ("error", "critical") and record.get("message") not in allowed:
+                bad.append(line)
+        elif any(marker in line for marker in _FAILURE_MARKERS):
+            bad.append(line)
+    return bad
+
+
+def assert_clean_shutdown(server: Server, allow: Iterable[str] = ()) -> None:
+    """Stop ``server`` with SIGTERM and assert it exited 0 and logged no error over its whole life.
+
+    Call it in the teardown of every fixture that starts a server for several tests: the check then covers
+    every test that used the server, whichever of them ran and in whatever order. ``allow`` lists the log
+    messages that the tests provoke on purpose (e.g. an engine error)."""
+    code = server.terminate()
+    assert code == 0, f"the server exited with {code}:\n{server.logs()[-5000:]}"
+    failures = log_failures(server.logs(), allow)
+    assert not failures, "the server logged errors:\n" + "\n".join(f[:2000] for f in failures[:10])
 
 
 def load_mnist_test() -> tuple[np.ndarray, np.ndarray] | None:

@@ -25,7 +25,7 @@ from PIL import Image
 
 from service import decode
 from service.errors import ServiceError
-from tests.helpers import Server, start_server
+from tests.helpers import Server, assert_clean_shutdown, start_server
 
 FEATURES, SHAPE, MAX_IMAGES, MAX_PIXELS, SCALE = 784, (28, 28), 64, 4096 * 4096, 1 / 255
 LEAKS = ("Traceback", 'File "', "/work", "site-packages", " at 0x")
@@ -339,7 +339,7 @@ def test_raw_decoder_survives_any_length(n: int, data: st.DataObject) -> None:
 def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server(tiny_repo, tmp_path_factory.mktemp("fuzz-srv"), "--max-images-per-request", "64")
     yield srv
-    assert srv.terminate() == 0, srv.logs()
+    assert_clean_shutdown(srv)  # whatever the bodies, no error-level record: bad input is the client's problem
 
 
 CONTENT_TYPES = ["application/json", "image/png", "application/x-npy", "application/octet-stream",
@@ -362,11 +362,6 @@ def test_http_answers_any_body_with_200_or_a_4xx_in_the_error_shape(
         assert set(err) == {"code", "message", "request_id"}
         for marker in LEAKS:
             assert marker not in r.text
-
-
-def test_the_fuzzed_server_logged_no_error(server: Server) -> None:
-    records = [json.loads(line) for line in server.logs().split("\n") if line.startswith("{")]
-    assert not [r for r in records if r["level"] in ("error", "critical")]
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,12 @@
 """Reliability: admission under load, overload, slow clients, SIGTERM drain, disconnects, engine faults, bad
 model files, and the security properties of errors, CORS and admin endpoints.
 
-Every test drives a real ``python -m service.server`` process on 127.0.0.1. Waits are on observable events
-(a metric reaching a value, a socket closing), each bounded by a generous timeout; no assertion is on speed.
+Every test drives a real ``python -m service.server`` process on 127.0.0.1. Where a test needs a slow or a
+busy engine, the server runs on the stand-in of tests/standin.py: the real ONNX model behind a gate the test
+holds and releases, so who is queued, refused or answered follows from events the test causes, on any
+machine. Waits are on observable events (a metric reaching a value, an engine call held at the gate, a socket
+closing), each bounded by a generous timeout; no assertion is on speed. Servers shared by several tests are
+checked at teardown: exit code 0 and no error in their log, whichever tests ran and in whatever order.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -30,7 +34,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from reliability.overload import OverloadConfig
 from reliability.overload import run as run_overload
-from tests.helpers import ROOT, Server, start_server, tiny_onnx, write_model
+from tests.helpers import ROOT, Server, assert_clean_shutdown, log_failures, start_server, tiny_onnx, write_model
+from tests.standin import Engine
 
 SENTINEL = 0.5  # a first pixel of exactly 0.5 makes the faulty model fail (never k/255 for an integer k)
 
@@ -53,30 +58,6 @@ def _model(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], na
 def _linear(seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.normal(0, 0.5, (784, 10)).astype(np.float32), rng.normal(0, 0.1, 10).astype(np.float32)
-
-
-def slow_onnx(k: int, rounds: int, seed: int = 0) -> bytes:
-    """softmax(x W + b) plus a fixed k x k matrix chain per batch (whatever its size) that depends on the
-    input, so ONNX Runtime cannot fold it away: a slow engine with the real contract."""
-    w, b = _linear(seed)
-    m = (np.random.default_rng(seed + 1).normal(0, 1, (k, k)) / np.sqrt(k)).astype(np.float32)
-    nodes = [
-        helper.make_node("MatMul", ["pixels", "W"], ["l0"]),
-        helper.make_node("Add", ["l0", "B"], ["logits0"]),
-        helper.make_node("ReduceSum", ["pixels"], ["s"], keepdims=0),
-        helper.make_node("Mul", ["M", "s"], ["a0"]),
-    ]
-    for i in range(rounds):
-        nodes.append(helper.make_node("MatMul", [f"a{i}", "M"], [f"a{i + 1}"]))
-    nodes += [
-        helper.make_node("ReduceSum", [f"a{rounds}"], ["r"], keepdims=0),
-        helper.make_node("Mul", ["r", "Zero"], ["z"]),
-        helper.make_node("Add", ["logits0", "z"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
-    ]
-    inits = [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (b, "B"), (m, "M"))]
-    inits.append(numpy_helper.from_array(np.zeros((), np.float32), "Zero"))
-    return _model(nodes, inits, "slow")
 
 
 def faulty_onnx(seed: int = 0) -> bytes:
@@ -143,73 +124,95 @@ def assert_no_leak(text: str) -> None:
         assert marker not in text, f"{marker!r} leaked in {text[:300]!r}"
 
 
-@pytest.fixture(scope="module")
-def slow_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("slow-models")
-    write_model(repo, "slow", "1", blob=slow_onnx(k=1024, rounds=16))  # ~0.2 s per engine call
-    return repo
+def post_one(url: str, seed: int, headers: dict[str, str] | None = None) -> httpx.Response:
+    """One single-image request on its own connection."""
+    with httpx.Client(timeout=120) as c:
+        return c.post(f"{url}/v1/predict", json={"image": image(seed)}, headers=headers)
+
+
+def queued(server: Server, queue: str = "interactive") -> float:
+    return metric(server, "mnist_queue_depth_images", f'queue="{queue}"')
+
+
+def settled(engine: Engine, server: Server, futures: list[Future[httpx.Response]]) -> Callable[[], bool]:
+    """True once every request sent is accounted for: held in the engine, queued, or answered. Read in that
+    order, so an item moving from the queue into the engine, or out of it, is never counted twice."""
+
+    def check() -> bool:
+        held = engine.in_progress()
+        depth = queued(server)
+        return held + depth + sum(f.done() for f in futures) == len(futures)
+
+    return check
 
 
 @pytest.fixture(scope="module")
-def slow_server(slow_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One image per engine call and a short queue: admission is easy to drive."""
-    srv = start_server(slow_repo, tmp_path_factory.mktemp("slow-srv"), "--max-batch-size", "1", "--bulk-chunk-images", "1",
-                       "--max-queue-images", "16")  # fmt: skip
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    with Engine(tmp_path_factory.mktemp("engine")) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def gated_server(tiny_repo: Path, engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The tiny model behind the stand-in's gate: one image per engine call and a 16-image queue, so admission
+    is easy to drive; a request timeout far beyond any wait the tests cause (a 504 here is a bug)."""
+    srv = start_server(tiny_repo, tmp_path_factory.mktemp("gated-srv"), "--max-batch-size", "1",
+                       "--bulk-chunk-images", "1", "--max-queue-images", "16", "--request-timeout-s", "60",
+                       launcher=engine.launcher())  # fmt: skip
     yield srv
-    assert srv.terminate() == 0, srv.logs()
-
-
-def _post_many(url: str, n: int, headers: dict[str, str] | None = None) -> list[httpx.Response]:
-    """``n`` concurrent single-image requests, each on its own connection."""
-
-    def one(i: int) -> httpx.Response:
-        with httpx.Client(timeout=60) as c:
-            return c.post(f"{url}/v1/predict", json={"image": image(i)}, headers=headers)
-
-    with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(one, range(n)))
+    engine.release()
+    assert_clean_shutdown(srv)
 
 
 # ---------------------------------------------------------------------------------------------- admission
-def test_tight_deadline_is_refused_at_once_when_the_queue_is_deep(slow_server: Server) -> None:
-    with slow_server.client() as c:
-        for i in range(3):  # let the batcher measure the engine's cost
-            assert c.post("/v1/predict", json={"image": image(i)}).status_code == 200
-        done = threading.Event()
-        backlog: list[httpx.Response] = []
-        filler = threading.Thread(target=lambda: (backlog.extend(_post_many(slow_server.url, 12)), done.set()))
-        filler.start()
-        wait_until(lambda: metric(slow_server, "mnist_queue_depth_images", 'queue="interactive"') >= 6,
-                   what="a deep queue")  # fmt: skip
-        refused = c.post("/v1/predict", json={"image": image(99)}, headers={"X-Request-Deadline-Ms": "5"})
-        answered_before_the_backlog = not done.is_set()
-        generous = c.post("/v1/predict", json={"image": image(98)}, headers={"X-Request-Deadline-Ms": "60000"})
-        filler.join(60)
+def test_tight_deadline_is_refused_at_once_when_the_queue_is_deep(gated_server: Server, engine: Engine) -> None:
+    url = gated_server.url
+    refusals = metric(gated_server, "mnist_requests_dropped_total", 'reason="deadline_unmeetable"')
+    for i in range(3):  # the service estimates the wait from batches it ran: each costs at least the delay
+        assert post_one(url, i).status_code == 200
+    with ThreadPoolExecutor(13) as pool, engine.holding():
+        backlog = [pool.submit(post_one, url, i) for i in range(12)]
+        wait_until(settled(engine, gated_server, backlog), what="12 requests held or queued")
+        assert not any(f.done() for f in backlog), "a request was answered while the engine was held"
+        # The backlog cannot move while the engine is held: an answer now is an answer at once.
+        refused = post_one(url, 99, {"X-Request-Deadline-Ms": "5"})
+        generous = pool.submit(post_one, url, 98, {"X-Request-Deadline-Ms": "60000"})
+        wait_until(settled(engine, gated_server, [*backlog, generous]), what="the generous request queued")
+        assert not generous.done()
     assert_error_shape(refused, 503, "deadline_unmeetable")
     assert int(refused.headers["retry-after"]) >= 1
-    assert answered_before_the_backlog, "the refusal waited for the queue instead of answering at once"
-    assert generous.status_code == 200
-    assert all(r.status_code == 200 for r in backlog), [r.status_code for r in backlog]
-    assert metric(slow_server, "mnist_requests_dropped_total", 'reason="deadline_unmeetable"') >= 1
+    assert generous.result().status_code == 200, generous.result().text
+    assert [f.result().status_code for f in backlog] == [200] * 12
+    assert metric(gated_server, "mnist_requests_dropped_total", 'reason="deadline_unmeetable"') == refusals + 1
 
 
-def test_invalid_deadline_header_is_a_4xx(slow_server: Server) -> None:
-    with slow_server.client() as c:
+def test_invalid_deadline_header_is_a_4xx(gated_server: Server) -> None:
+    with gated_server.client() as c:
         for value in ("abc", "-5", "0", "1e309", "nan"):
             r = c.post("/v1/predict", json={"image": image()}, headers={"X-Request-Deadline-Ms": value})
             assert_error_shape(r, 422, "invalid_header")
 
 
-def test_full_queue_refuses_with_retry_after(slow_server: Server) -> None:
-    responses = _post_many(slow_server.url, 48)
-    statuses = Counter(r.status_code for r in responses)
-    assert set(statuses) <= {200, 503}, statuses
-    assert statuses[503] >= 1, "48 concurrent requests against a 16-image queue should overflow it"
-    assert statuses[200] >= 16
-    for r in responses:
-        if r.status_code == 503:
-            assert_error_shape(r, 503, "queue_full")
-            assert int(r.headers["retry-after"]) >= 1
+def test_full_queue_refuses_at_once_with_retry_after(gated_server: Server, engine: Engine) -> None:
+    """48 requests while the engine is held: the queue fills to its bound (16), those held in the engine or
+    queued are answered 200 once it is released, every other one was answered 503 queue_full at once."""
+    n, bound = 48, 16
+    refusals = metric(gated_server, "mnist_requests_dropped_total", 'reason="queue_full"')
+    with ThreadPoolExecutor(n) as pool, engine.holding():
+        futures = [pool.submit(post_one, gated_server.url, i) for i in range(n)]
+        wait_until(settled(engine, gated_server, futures), what="every request held, queued or answered")
+        held, depth = engine.in_progress(), queued(gated_server)
+        at_once = [f.done() for f in futures]
+    answered_while_held = [f.result() for f, done in zip(futures, at_once, strict=True) if done]
+    later = [f.result() for f, done in zip(futures, at_once, strict=True) if not done]
+    assert depth == bound, "the queue holds exactly its bound"
+    assert held >= 1
+    assert len(answered_while_held) == n - bound - held
+    for r in answered_while_held:
+        assert_error_shape(r, 503, "queue_full")
+        assert int(r.headers["retry-after"]) >= 1
+    assert [r.status_code for r in later] == [200] * (bound + held), Counter(r.status_code for r in later)
+    assert metric(gated_server, "mnist_requests_dropped_total", 'reason="queue_full"') == refusals + n - bound - held
 
 
 # ---------------------------------------------------------------------------------------------- overload
@@ -228,41 +231,44 @@ def test_overload_sheds_load_and_recovers(tiny_repo: Path, tmp_path: Path) -> No
     assert set(rep.probe_statuses) <= {"200", "503 too_many_requests", "503 queue_full", "not_sent"}
     assert set(rep.fresh_statuses) == {"200"}, "liveness on a new connection must be answered under overload"
     assert rep.rss_max_mb - rep.rss_start_mb < 200, (rep.rss_start_mb, rep.rss_max_mb)
-    assert rep.recovered, "latency did not come back near the baseline after the load stopped"
+    # Recovery as behaviour: the backlog drains and requests are served again. (The report also says when
+    # latency came back near the idle baseline; that depends on the machine's other load, so it is shown,
+    # not asserted.)
+    assert rep.idle_after, "requests stayed queued or in progress after the load stopped"
+    assert rep.after_statuses == {"200": 5}, rep.after_statuses
     assert rep.exit_code == 0
 
 
-def test_inflight_limit_refuses_at_once_and_spares_probes(slow_repo: Path, tmp_path: Path) -> None:
+def test_inflight_limit_refuses_at_once_and_spares_probes(tiny_repo: Path, tmp_path: Path) -> None:
     """With the only inference slot taken, inference is refused at once (503, Retry-After, error shape) while
     health, readiness and metrics still answer; a body still uploading holds no slot."""
-    srv = start_server(
-        slow_repo, tmp_path, "--max-inflight-requests", "1", "--max-batch-size", "1", "--bulk-chunk-images", "1"
-    )
+    engine = Engine(tmp_path / "engine")
+    srv = start_server(tiny_repo, tmp_path, "--max-inflight-requests", "1", "--max-batch-size", "1",
+                       "--bulk-chunk-images", "1", launcher=engine.launcher())  # fmt: skip
     try:
         with socket.create_connection(("127.0.0.1", srv.port)) as uploading, srv.client() as c:
             uploading.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                               b"Content-Length: 100\r\n\r\n{")  # fmt: skip
             assert c.post("/v1/predict", json={"image": image()}).status_code == 200
 
-            bulk: list[httpx.Response] = []
             raw = np.random.default_rng(0).integers(0, 256, (8, 784), dtype=np.uint8).tobytes()
-            holder = threading.Thread(target=lambda: bulk.append(
-                httpx.post(f"{srv.url}/v1/predict/batch", content=raw, timeout=60,
-                           headers={"content-type": "application/octet-stream"})))  # fmt: skip
-            holder.start()
-            wait_until(lambda: metric(srv, "mnist_queue_depth_images", 'queue="bulk"') > 0, what="a bulk request")
-            refused = c.post("/v1/predict", json={"image": image()})
-            health = [c.get(p).status_code for p in ("/healthz", "/readyz", "/metrics", "/v1/models")]
-            holder.join(60)
+            with ThreadPoolExecutor(1) as pool, engine.holding():
+                bulk = pool.submit(httpx.post, f"{srv.url}/v1/predict/batch", content=raw, timeout=120,
+                                   headers={"content-type": "application/octet-stream"})  # fmt: skip
+                wait_until(lambda: engine.in_progress() >= 1, what="the bulk request held in the engine")
+                refused = c.post("/v1/predict", json={"image": image()})
+                health = [c.get(p).status_code for p in ("/healthz", "/readyz", "/metrics", "/v1/models")]
+                assert not bulk.done()
         assert refused.status_code == 503, refused.text
         assert refused.headers["content-type"] == "application/json"
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["code"] == "too_many_requests"
         assert set(refused.json()["error"]) == {"code", "message", "request_id"}
         assert health == [200, 200, 200, 200]
-        assert bulk[0].status_code == 200
+        assert bulk.result().status_code == 200
     finally:
-        assert srv.terminate() == 0, srv.logs()
+        engine.release()
+        assert_clean_shutdown(srv)
 
 
 # ---------------------------------------------------------------------------------------------- slow clients
@@ -285,7 +291,7 @@ def guarded_server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) ->
     srv = start_server(tiny_repo, tmp_path_factory.mktemp("guarded"), "--header-timeout-s", "1",
                        "--body-timeout-s", "1", "--max-header-bytes", "8192")  # fmt: skip
     yield srv
-    assert srv.terminate() == 0, srv.logs()
+    assert_clean_shutdown(srv)
 
 
 def test_slow_clients_cannot_exhaust_the_service(guarded_server: Server) -> None:
@@ -474,10 +480,10 @@ def test_sigterm_under_keepalive_load_loses_no_request(tiny_repo: Path, tmp_path
         for c in clients:
             c.start()
         watcher.start()
-        wait_until(lambda: sum(c.answered for c in clients) >= 1000, what="1000 answered requests")
+        wait_until(lambda: sum(c.answered for c in clients) >= 1000, 120, what="1000 answered requests")
         signalled = time.monotonic()
         srv.proc.send_signal(15)
-        code = srv.proc.wait(timeout=30)
+        code = srv.proc.wait(timeout=120)
         exit_s = time.monotonic() - signalled
     finally:
         stop.set()
@@ -497,57 +503,63 @@ def test_sigterm_under_keepalive_load_loses_no_request(tiny_repo: Path, tmp_path
     assert set(statuses) <= {"200", "503 draining"}, statuses
     assert readiness[0] == "200 ready"
     assert readiness[-1] == "503 draining", readiness[-3:]
-    assert "drain timeout" not in srv.logs()
-    assert exit_s < 15, "the process outlived its grace period"
+    assert "drain timeout" not in srv.logs(), "the drain did not finish on its own within its grace period"
+    assert not log_failures(srv.logs())
 
 
 def test_drain_grace_period_bounds_a_client_that_never_finishes(tiny_repo: Path, tmp_path: Path) -> None:
-    """A connection stuck mid-request (headers never complete) cannot hold the process past its grace period."""
-    srv = start_server(tiny_repo, tmp_path, "--drain-timeout-s", "2", "--header-timeout-s", "60")
+    """A connection stuck mid-request (headers never complete) cannot hold the process past its grace period:
+    the process exits 0 on its own after the grace period (2 s), long before the connection's own header
+    timeout (600 s) would close it, and well before the test would kill it (120 s)."""
+    srv = start_server(tiny_repo, tmp_path, "--drain-timeout-s", "2", "--header-timeout-s", "600")
     with socket.create_connection(("127.0.0.1", srv.port)) as stuck:
         stuck.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")
         client_port = stuck.getsockname()[1]
         server = psutil.Process(srv.proc.pid)
         wait_until(lambda: any(c.raddr and c.raddr.port == client_port for c in server.net_connections()),
                    what="the server to accept the connection")  # fmt: skip
-        signalled = time.monotonic()
-        code = srv.terminate(timeout=30)
-        exit_s = time.monotonic() - signalled
+        code = srv.terminate(timeout=120)
     assert code == 0, srv.logs()
-    assert exit_s < 10, exit_s
     assert "drain timeout: closing the remaining connections" in srv.logs()
+    assert not log_failures(srv.logs())
 
 
 # ---------------------------------------------------------------------------------------------- faults
-def test_a_client_that_disconnects_while_queued_is_dropped(tmp_path: Path) -> None:
-    """The engine is held by one long batch; a second request waits in the queue, its client hangs up: the
-    item is dropped before compute (counted as cancelled) and the batcher goes on serving."""
-    repo = tmp_path / "repo"
-    write_model(repo, "slower", "1", blob=slow_onnx(k=1024, rounds=64))  # about a second per engine call
-    srv = start_server(repo, tmp_path, "--max-batch-size", "1", "--bulk-chunk-images", "1")
+def test_a_client_that_disconnects_while_queued_is_dropped(tiny_repo: Path, tmp_path: Path) -> None:
+    """The engine is held by one batch; a second request waits in the queue, its client hangs up: the item is
+    dropped before compute (counted as cancelled, logged as 499) and the batcher goes on serving."""
+    engine = Engine(tmp_path / "engine")
+    srv = start_server(tiny_repo, tmp_path, "--max-batch-size", "1", "--bulk-chunk-images", "1",
+                       launcher=engine.launcher())  # fmt: skip
     try:
-        processed = metric(srv, "mnist_images_processed_total", 'model="slower",version="1"')
-        holder = ThreadPoolExecutor(1)
-        first = holder.submit(lambda: httpx.post(f"{srv.url}/v1/predict", json={"image": image(1)}, timeout=60))
-        wait_until(lambda: metric(srv, "http_requests_in_progress", 'route="/v1/predict"') >= 1,
-                   what="a running request")  # fmt: skip
-        body = json.dumps({"image": image(7)}).encode()
-        with socket.create_connection(("127.0.0.1", srv.port)) as s:
-            s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
-            wait_until(lambda: metric(srv, "mnist_queue_depth_images", 'queue="interactive"') == 1,
-                       what="the request to be queued behind the running batch")  # fmt: skip
+        processed = metric(srv, "mnist_images_processed_total", 'model="tiny",version="1"')
+        with ThreadPoolExecutor(1) as holder, engine.holding():
+            first = holder.submit(post_one, srv.url, 1)
+            wait_until(lambda: engine.in_progress() == 1, what="the first request held in the engine")
+            body = json.dumps({"image": image(7)}).encode()
+            with socket.create_connection(("127.0.0.1", srv.port)) as s:
+                s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+                client_port = s.getsockname()[1]
+                wait_until(lambda: queued(srv) == 1, what="the request to be queued behind the held batch")
+            # The client has hung up; once the server has closed its end, it knows (and the engine is still held).
+            server = psutil.Process(srv.proc.pid)
+            wait_until(lambda: not any(c.raddr and c.raddr.port == client_port for c in server.net_connections()),
+                       what="the server to see the hang-up")  # fmt: skip
+            assert not first.done()
+        assert first.result().status_code == 200
         wait_until(lambda: metric(srv, "mnist_requests_dropped_total", 'reason="cancelled"') == 1,
                    what="the cancelled counter")  # fmt: skip
-        assert first.result(60).status_code == 200
-        holder.shutdown()
-        with srv.client() as c:
-            assert c.post("/v1/predict", json={"image": image(8)}).status_code == 200
+        assert post_one(srv.url, 8).status_code == 200
         # the first image and the one after: the abandoned image never reached the engine
-        assert metric(srv, "mnist_images_processed_total", 'model="slower",version="1"') == processed + 2
+        assert metric(srv, "mnist_images_processed_total", 'model="tiny",version="1"') == processed + 2
         assert metric(srv, "http_requests_total", 'method="POST",route="/v1/predict",status="499"') == 1
     finally:
-        assert srv.terminate() == 0, srv.logs()
+        engine.release()
+        assert_clean_shutdown(srv)
+
+
+ENGINE_ERROR = "inference failed for a batch"  # the one error-level record an engine fault may cause
 
 
 @pytest.fixture(scope="module")
@@ -556,12 +568,14 @@ def faulty_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     write_model(repo, "faulty", "1", blob=faulty_onnx())
     srv = start_server(repo, tmp_path_factory.mktemp("faulty-srv"))
     yield srv
-    assert srv.terminate() == 0, srv.logs()
+    assert_clean_shutdown(srv, allow=[ENGINE_ERROR])
 
 
 def test_an_engine_error_fails_only_its_batch_and_is_logged_once(faulty_server: Server) -> None:
     poisoned = image(3)
     poisoned[0] = SENTINEL
+    log_start = len(faulty_server.logs())  # the server is shared: count only what this test causes
+    failures = metric(faulty_server, "mnist_requests_dropped_total", 'reason="engine_error"')
     with faulty_server.client() as c:
         assert c.post("/v1/predict", json={"image": image(1)}).status_code == 200
         failed = c.post("/v1/predict", json={"image": poisoned})
@@ -573,12 +587,15 @@ def test_an_engine_error_fails_only_its_batch_and_is_logged_once(faulty_server: 
     assert_no_leak(failed.text)
     assert after == [200] * 5
     assert batch.status_code == 200
-    records = [json.loads(line) for line in faulty_server.logs().split("\n") if line.startswith("{")]
+    wait_until(lambda: error_id.group(1) in faulty_server.logs()[log_start:], what="the error in the log")
+    new_lines = faulty_server.logs()[log_start:].split("\n")
+    records = [json.loads(line) for line in new_lines if line.startswith("{")]
     errors = [r for r in records if r["level"] == "error"]
     assert len(errors) == 1, errors
+    assert errors[0]["message"] == ENGINE_ERROR
     assert errors[0]["error_id"] == error_id.group(1)
     assert "Reshape" in errors[0]["exception"]  # the cause is in the log, not in the response
-    assert metric(faulty_server, "mnist_requests_dropped_total", 'reason="engine_error"') == 1
+    assert metric(faulty_server, "mnist_requests_dropped_total", 'reason="engine_error"') == failures + 1
 
 
 def test_an_engine_error_in_a_shared_batch_fails_all_its_callers_only(faulty_server: Server) -> None:
@@ -699,7 +716,7 @@ def default_server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """The service with its default settings (no admin token, no CORS origins)."""
     srv = start_server(tiny_repo, tmp_path_factory.mktemp("default-srv"))
     yield srv
-    assert srv.terminate() == 0, srv.logs()
+    assert_clean_shutdown(srv)  # hostile input is the client's problem: no error-level record (it would page)
 
 
 @pytest.mark.parametrize(("method", "path", "headers", "body"), HOSTILE_REQUESTS)
@@ -727,12 +744,6 @@ def test_no_path_escapes_the_static_assets(default_server: Server, path: str) ->
     assert data.startswith(b"HTTP/1.1 404 "), data[:200]
     assert b"root:" not in data
     assert b"import " not in data
-
-
-def test_no_error_in_the_log_after_hostile_requests(default_server: Server) -> None:
-    """Hostile input is the client's problem: no error-level log line (an error would page someone)."""
-    records = [json.loads(line) for line in default_server.logs().split("\n") if line.startswith("{")]
-    assert not [r for r in records if r["level"] in ("error", "critical")]
 
 
 def test_declared_oversized_body_is_refused_before_it_is_sent(default_server: Server) -> None:
@@ -772,7 +783,7 @@ def test_cors_allows_only_the_configured_origins(tiny_repo: Path, tmp_path: Path
                                                     "access-control-request-method": "POST"})  # fmt: skip
             predict = c.post("/v1/predict", json={"image": image()}, headers={"origin": "https://app.example"})
     finally:
-        assert srv.terminate() == 0
+        assert_clean_shutdown(srv)
     assert good.headers["access-control-allow-origin"] == "https://app.example"
     assert "access-control-allow-origin" not in bad.headers
     assert pre.status_code == 200
@@ -817,7 +828,7 @@ def test_no_state_changing_endpoint_is_open_without_a_token(default_server: Serv
                 assert "s3cret" not in missing.text + wrong.text
             assert c.get("/admin/models", headers={"authorization": "Bearer s3cret-token"}).status_code == 200
     finally:
-        assert srv.terminate() == 0
+        assert_clean_shutdown(srv)
     assert "s3cret-token" not in srv.logs()
 
 
