@@ -11,7 +11,8 @@
 # - the messages go into a private descriptor pool, not protobuf's default one: Triton's client
 #   (tritonclient.grpc) registers the same `inference.*` names in the default pool, and a process that
 #   imports both (a test run, a client embedding the service) would fail with "duplicate symbol";
-# - `# ruff: noqa` (generated code is not linted) and `ruff format`.
+# - `# ruff: noqa` and `# mypy: ignore-errors` (generated code is neither linted nor type-checked; protobuf
+#   ships no type stubs), then `ruff format`.
 set -euo pipefail
 cd "$(dirname "$0")"
 root="$(cd ../.. && pwd)"
@@ -19,7 +20,7 @@ root="$(cd ../.. && pwd)"
 sed -i 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/POOL = _descriptor_pool.DescriptorPool()\nDESCRIPTOR = POOL.AddSerializedFile(/' \
   grpc_predict_v2_pb2.py
 grep -q '^POOL = _descriptor_pool.DescriptorPool()$' grpc_predict_v2_pb2.py
-sed -i '1s/^/# ruff: noqa\n/' grpc_predict_v2_pb2.py grpc_predict_v2_pb2.pyi
+sed -i '1s/^/# ruff: noqa\n# mypy: ignore-errors\n/' grpc_predict_v2_pb2.py grpc_predict_v2_pb2.pyi
 sed -i 's/^DESCRIPTOR: _descriptor.FileDescriptor$/POOL: _descriptor_pool.DescriptorPool\nDESCRIPTOR: _descriptor.FileDescriptor/; s/^from google.protobuf import descriptor as _descriptor$/&\nfrom google.protobuf import descriptor_pool as _descriptor_pool/' \
   grpc_predict_v2_pb2.pyi
 "${RUFF:-$root/.venv/bin/ruff}" format --quiet grpc_predict_v2_pb2.py grpc_predict_v2_pb2.pyi

@@ -1,0 +1,311 @@
+"""The Open Inference Protocol (KServe v2) over gRPC: ``inference.GRPCInferenceService`` on the shared core.
+
+A second transport beside REST, in the same process and on the same event loop (grpc.aio), on its own port
+(``grpc_port``; 0 = off). Inference goes through ``Core.admit`` and ``Core.infer``, so REST and gRPC requests
+join the same batches, under the same limits, deadlines and drain. Beside it: the standard gRPC health
+service (SERVING while the core is ready; NOT_SERVING while warming up or draining) and server reflection.
+
+* Input: one tensor, ``raw_input_contents`` or typed ``contents`` (FP32 ``fp32_contents``, UINT8
+  ``uint_contents``), validated by the same codec as REST /v2 (service/tensors.py).
+* Output: ``probabilities`` FP32 [N, C] and ``label`` INT64 [N] (both unless ``outputs`` names some), always in
+  ``raw_output_contents``; ``classification: k`` on an output gives Triton's top-k BYTES strings.
+* Deadline: the RPC's deadline is the caller's budget (and ``parameters.timeout`` in microseconds, the smaller
+  wins); work that cannot finish in it fails fast with DEADLINE_EXCEEDED. A cancelled RPC is dropped before
+  compute. Errors: the REST message with the status code mapped in ``grpc_status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+import struct
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Histogram
+
+from service.errors import DeadlineExceeded, InvalidInput, MalformedBody, ServiceError
+from service.inference import Core
+from service.model import Model
+from service.proto import grpc_predict_v2_pb2 as pb
+from service.tensors import LABEL_OUTPUT, PLATFORM, classification, input_images
+
+log = logging.getLogger("service.grpc")
+
+SERVICE = "inference.GRPCInferenceService"
+EXTENSIONS = ("classification",)
+_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,  # as gRPC itself answers a message over the size limit
+    404: grpc.StatusCode.NOT_FOUND,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    499: grpc.StatusCode.CANCELLED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+with contextlib.suppress(TypeError):  # the health service's descriptors, for reflection (private pool)
+    pb.POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+
+
+def grpc_status(exc: ServiceError) -> grpc.StatusCode:
+    """The gRPC status of a service error; a deadline the queue cannot meet is DEADLINE_EXCEEDED, not 503."""
+    if exc.code == "deadline_unmeetable":
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return _STATUS.get(exc.status_code, grpc.StatusCode.INTERNAL)
+
+
+def _int_param(params: Any, key: str, what: str) -> int | None:
+    if key not in params:
+        return None
+    p = params[key]
+    kind = p.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidInput(f'{what} parameter "{key}" must be an integer (int64_param)', code="invalid_type")
+    return int(getattr(p, kind))
+
+
+def _input_data(req: pb.ModelInferRequest) -> tuple[pb.ModelInferRequest.InferInputTensor, bytes | list[float]]:
+    """The one input tensor and its data: raw bytes, or the typed contents matching its datatype."""
+    if len(req.inputs) != 1:
+        raise InvalidInput(f"the request has {len(req.inputs)} inputs; the model takes exactly one",
+                           code="missing_field")  # fmt: skip
+    spec = req.inputs[0]
+    if req.raw_input_contents:
+        if len(req.raw_input_contents) != 1:
+            raise InvalidInput(f"raw_input_contents has {len(req.raw_input_contents)} entries for 1 input")
+        if spec.HasField("contents"):
+            raise InvalidInput(f"input {spec.name!r} has both contents and raw_input_contents")
+        return spec, req.raw_input_contents[0]
+    if not spec.HasField("contents"):
+        raise InvalidInput(f"input {spec.name!r} has no data: set contents or raw_input_contents",
+                           code="missing_field")  # fmt: skip
+    field = {"FP32": "fp32_contents", "UINT8": "uint_contents"}.get(spec.datatype)
+    used = [f.name for f, _ in spec.contents.ListFields()]
+    if field is None or used not in ([field], []):
+        raise InvalidInput(f"input {spec.name!r}: datatype {spec.datatype!r} with contents in {used}; use FP32 "
+                           "with fp32_contents or UINT8 with uint_contents", code="invalid_type")  # fmt: skip
+    return spec, list(getattr(spec.contents, field))
+
+
+def _outputs(req: pb.ModelInferRequest, model: Model) -> list[tuple[str, int]]:
+    """(name, classification k) for each requested output; every output when none is named."""
+    if not req.outputs:
+        return [(model.output_name, 0), (LABEL_OUTPUT, 0)]
+    out: list[tuple[str, int]] = []
+    for spec in req.outputs:
+        if spec.name not in (model.output_name, LABEL_OUTPUT):
+            raise InvalidInput(f"unknown output {spec.name!r}; outputs are {model.output_name!r} and "
+                               f"{LABEL_OUTPUT!r}", code="unknown_output")  # fmt: skip
+        if any(name == spec.name for name, _ in out):
+            raise InvalidInput(f"output {spec.name!r} is requested twice")
+        k = _int_param(spec.parameters, "classification", f"output {spec.name!r}") or 0
+        if not 0 <= k <= model.n_classes or (k and spec.name == LABEL_OUTPUT):
+            raise InvalidInput(f"classification applies to {model.output_name!r}, with k in 0-{model.n_classes}")
+        out.append((spec.name, k))
+    return out
+
+
+def _bytes_tensor(items: list[bytes]) -> bytes:
+    """A raw BYTES tensor: each element as a 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+class GrpcServer:
+    """The grpc.aio server, its health service and metrics. ``start_grpc`` builds and starts one."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        s = core.settings
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", s.grpc_max_message_bytes or s.max_body_bytes),
+                ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
+            ],
+            maximum_concurrent_rpcs=s.max_inflight_requests or None,
+        )
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._version = importlib.metadata.version("mnist-serving")
+        self._watcher: asyncio.Task[None] | None = None
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        registry = core.metrics.registry
+        self._requests = Counter("mnist_grpc_requests_total", "gRPC calls by method and status code.",
+                                 ["method", "code"], registry=registry)  # fmt: skip
+        self._duration = Histogram("mnist_grpc_request_duration_seconds", "gRPC call duration by method.",
+                                   ["method"], buckets=_LATENCY_BUCKETS, registry=registry)  # fmt: skip
+        methods: dict[str, tuple[type[Message], Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]]] = {
+            "ServerLive": (pb.ServerLiveRequest, self._live),
+            "ServerReady": (pb.ServerReadyRequest, self._ready),
+            "ModelReady": (pb.ModelReadyRequest, self._model_ready),
+            "ServerMetadata": (pb.ServerMetadataRequest, self._server_metadata),
+            "ModelMetadata": (pb.ModelMetadataRequest, self._model_metadata),
+            "ModelInfer": (pb.ModelInferRequest, self._infer),
+        }
+        handlers = {name: self._rpc(name, cls, fn) for name, (cls, fn) in methods.items()}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        health.health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server, pool=pb.POOL)
+
+    def _rpc(self, method: str, request_type: type[Message], fn: Callable[..., Awaitable[Message]]) -> Any:
+        """Bytes in, bytes out: a message that does not parse is INVALID_ARGUMENT (gRPC's own would be INTERNAL)."""
+        duration = self._duration.labels(method)
+
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            self._inflight += 1
+            self._idle.clear()
+            try:
+                try:
+                    request = request_type.FromString(raw)
+                except DecodeError as exc:
+                    raise MalformedBody(f"the {request_type.__name__} message does not parse: {exc}") from None
+                response = await fn(request, context)
+                return response.SerializeToString()  # type: ignore[no-any-return]
+            except ServiceError as exc:
+                code = grpc_status(exc)
+                retry = exc.headers.get("Retry-After")
+                await context.abort(code, exc.message, (("retry-after", retry),) if retry else None)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                error_id = uuid.uuid4().hex[:12]
+                log.exception("gRPC call failed", extra={"method": method, "error_id": error_id})
+                await context.abort(code, f"internal error (error id {error_id})")
+            finally:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._idle.set()
+                duration.observe(time.perf_counter() - start)
+                self._requests.labels(method, code.name).inc()
+            raise AssertionError("unreachable")  # abort() raises
+
+        return grpc.unary_unary_rpc_method_handler(handler)
+
+    # ------------------------------------------------------------------------------------------ methods
+    async def _live(self, req: pb.ServerLiveRequest, context: object) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def _ready(self, req: pb.ServerReadyRequest, context: object) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.core.ready)
+
+    async def _model_ready(self, req: pb.ModelReadyRequest, context: object) -> pb.ModelReadyResponse:
+        model = self.core.registry.get(req.name, req.version or None)
+        return pb.ModelReadyResponse(ready=self.core.ready and model.warmed_up)
+
+    async def _server_metadata(self, req: pb.ServerMetadataRequest, context: object) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="mnist-serving", version=self._version, extensions=EXTENSIONS)
+
+    async def _model_metadata(self, req: pb.ModelMetadataRequest, context: object) -> pb.ModelMetadataResponse:
+        reg = self.core.registry
+        model = reg.get(req.name, req.version or None)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=reg.name,
+            versions=[m.version for m in reg.models],
+            platform=PLATFORM,
+            inputs=[tensor(name=model.input_name, datatype="FP32", shape=[-1, model.n_features])],
+            outputs=[
+                tensor(name=model.output_name, datatype="FP32", shape=[-1, model.n_classes]),
+                tensor(name=LABEL_OUTPUT, datatype="INT64", shape=[-1]),
+            ],
+        )
+
+    async def _infer(
+        self, req: pb.ModelInferRequest, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> pb.ModelInferResponse:
+        core = self.core
+        budget = context.time_remaining()  # the caller's deadline; None when it set none
+        timeout_us = _int_param(req.parameters, "timeout", "the request")
+        if timeout_us is not None:
+            if timeout_us <= 0:
+                raise InvalidInput('parameter "timeout" must be a positive number of microseconds')
+            budget = timeout_us / 1e6 if budget is None else min(budget, timeout_us / 1e6)
+        if budget is not None and budget <= 0:
+            raise DeadlineExceeded("the call's deadline passed before it was admitted")
+        model = core.registry.get(req.model_name, req.model_version or None)
+        admission = core.admit(budget, source="the call's deadline", model=model)
+        spec, data = _input_data(req)
+        outputs = _outputs(req, model)
+        images = input_images(spec.name, spec.datatype, list(spec.shape), data, model,
+                              core.settings.max_images_per_request)  # fmt: skip
+        result = await core.infer(admission, images, gone=context.cancelled, transport="grpc")
+        probs = np.ascontiguousarray(result.probabilities, dtype="<f4")
+        n = probs.shape[0]
+        resp = pb.ModelInferResponse(model_name=model.name, model_version=result.model.version, id=req.id)
+        resp.parameters["prediction_id"].string_param = result.prediction_id
+        for name, k in outputs:
+            if k:
+                resp.outputs.add(name=name, datatype="BYTES", shape=[n, k])
+                resp.raw_output_contents.append(_bytes_tensor(classification(probs, k, model.class_labels)))
+            elif name == LABEL_OUTPUT:
+                resp.outputs.add(name=name, datatype="INT64", shape=[n])
+                resp.raw_output_contents.append(result.labels.astype("<i8").tobytes())
+            else:
+                resp.outputs.add(name=name, datatype="FP32", shape=[n, probs.shape[1]])
+                resp.raw_output_contents.append(probs.tobytes())
+        return resp
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        s = self.core.settings
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        await self._sync_health()
+        await self.server.start()
+        self._watcher = asyncio.create_task(self._watch())
+        log.info("gRPC listening", extra={"host": s.host, "port": self.port})
+
+    async def _sync_health(self) -> None:
+        status = _SERVING if self.core.ready else _NOT_SERVING
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def _watch(self) -> None:
+        """Health follows readiness: SERVING once warm, NOT_SERVING for good once draining starts."""
+        while not self.core.draining:
+            await self._sync_health()
+            await asyncio.sleep(0.1)
+        await self.health.enter_graceful_shutdown()
+
+    async def drain(self, grace_s: float) -> None:
+        """Health NOT_SERVING, new inference refused (UNAVAILABLE, by the core), calls in flight finish
+        (at most ``grace_s``), then the server stops. Call it before the batcher stops."""
+        await self.health.enter_graceful_shutdown()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        start = time.monotonic()
+        if self._inflight:
+            log.info("gRPC draining", extra={"calls_in_flight": self._inflight, "grace_s": grace_s})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace_s)
+        if self._inflight:
+            log.warning("gRPC drain timeout: cancelling the calls left", extra={"calls_in_flight": self._inflight})
+        await self.server.stop(max(0.0, min(1.0, grace_s - (time.monotonic() - start))))
+
+
+async def start_grpc(core: Core) -> GrpcServer:
+    """Bind ``settings.host:settings.grpc_port`` and serve on the running event loop (uvicorn's)."""
+    server = GrpcServer(core)
+    await server.start()
+    return server
