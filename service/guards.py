@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import httptools
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -57,9 +58,11 @@ class _Refused(Exception):
     """Raised inside a parser callback to stop parsing: httptools turns it into HttpParserCallbackError."""
 
 
-def error_response(status: int, code: str, message: str, request_id: str | None = None) -> bytes:
-    """A complete HTTP/1.1 response in the service's error shape, closing the connection."""
-    body = orjson.dumps({"error": {"code": code, "message": message, "request_id": request_id}})
+def error_response(status: int, code: str, message: str, request_id: str | None = None, *, v2: bool = False) -> bytes:
+    """A complete HTTP/1.1 response in the service's error shape (``v2``: the Open Inference Protocol's,
+    ``{"error": "message"}``), closing the connection."""
+    error = message if v2 else {"code": code, "message": message, "request_id": request_id}
+    body = orjson.dumps({"error": error})
     rid = b"x-request-id: " + request_id.encode() + b"\r\n" if request_id else b""
     head = (
         b"content-type: application/json\r\ncontent-length: "
@@ -91,7 +94,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._events = 0  # headers-complete / message-complete events: a chunk with one is not all headers
         self._body_bytes = 0
-        self._refusal: tuple[int, str, str, str | None] | None = None
+        self._refusal: tuple[int, str, str, str | None, bool] | None = None
         self._read_timer: asyncio.TimerHandle | None = None
         self._arm(self.limits.header_timeout_s, self._header_timeout)
 
@@ -140,10 +143,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         rid = (cycle.scope.get("state") or {}).get("request_id") if cycle is not None else None
-        self._answer(400, "body_timeout", f"the body did not arrive within {limit:g} s", rid)
+        self._answer(400, "body_timeout", f"the body did not arrive within {limit:g} s", rid, self._v2_path())
 
     # -------------------------------------------------------------- answering
-    def _answer(self, status: int, code: str, message: str, request_id: str | None) -> None:
+    def _answer(self, status: int, code: str, message: str, request_id: str | None, v2: bool = False) -> None:
         """Write one error response and close, unless a response is already on its way (then only close).
 
         The request being handled, if any, is marked disconnected first: the app's ``receive`` then returns
@@ -159,22 +162,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 return
             cycle.disconnected = True
             cycle.message_event.set()
-        self.transport.write(error_response(status, code, message, request_id))
+        self.transport.write(error_response(status, code, message, request_id, v2=v2))
         self.transport.close()
+
+    def _v2_path(self) -> bool:
+        """Whether the request's path (complete: call after the headers) is under /v2, whose errors take that
+        protocol's shape."""
+        try:
+            return bool(httptools.parse_url(self.url).path.startswith(b"/v2/"))
+        except httptools.HttpParserInvalidURLError:
+            return False
 
     def _too_large_headers(self) -> tuple[int, str, str, None]:
         limit = self.limits.max_header_bytes
         log.info("refusing oversized request headers", extra={"client": self.client and self.client[0]})
         return 431, "headers_too_large", f"request line and headers exceed {limit} bytes", None
 
-    def _refuse(self, status: int, code: str, message: str, request_id: str | None) -> None:
+    def _refuse(self, status: int, code: str, message: str, request_id: str | None, v2: bool = False) -> None:
         """From a parser callback: stop parsing; ``send_400_response`` answers."""
-        self._refusal = (status, code, message, request_id)
+        self._refusal = (status, code, message, request_id, v2)
         raise _Refused
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn calls this for any parser error; answer in the service's JSON shape (ours when refused)."""
-        refusal = self._refusal or (400, "malformed_http", "the request is not valid HTTP/1.1", None)
+        refusal = self._refusal or (400, "malformed_http", "the request is not valid HTTP/1.1", None, False)
         self._answer(*refusal)
 
     # -------------------------------------------------------------- parser callbacks
@@ -215,29 +226,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 codings += [c.strip().lower() for c in value.split(b",")]
             elif name == b"content-length":
                 length = value
-        if codings:
-            if self.parser.get_http_version() != "1.1":
-                self._refuse(400, "invalid_transfer_encoding", "Transfer-Encoding is not allowed in HTTP/1.0",
-                             _request_id(self.headers))  # fmt: skip
-            if not all(codings):
-                self._refuse(400, "invalid_transfer_encoding", "Transfer-Encoding has an empty coding",
-                             _request_id(self.headers))  # fmt: skip
-            if codings != [b"chunked"]:
-                shown = b", ".join(codings).decode("latin-1")[:100]
-                self._refuse(501, "unsupported_transfer_encoding",
-                             f"transfer coding {shown!r} is not supported; only chunked is",
-                             _request_id(self.headers))  # fmt: skip
+        refusal: tuple[int, str, str] | None = None
         limit = self.limits.max_body_bytes
-        if length is not None and length.isdigit() and int(length) > limit:
-            self._refuse(413, "payload_too_large", f"the body is {int(length)} bytes; the limit is {limit}",
-                         _request_id(self.headers))  # fmt: skip
+        if codings and self.parser.get_http_version() != "1.1":
+            refusal = 400, "invalid_transfer_encoding", "Transfer-Encoding is not allowed in HTTP/1.0"
+        elif codings and not all(codings):
+            refusal = 400, "invalid_transfer_encoding", "Transfer-Encoding has an empty coding"
+        elif codings and codings != [b"chunked"]:
+            shown = b", ".join(codings).decode("latin-1")[:100]
+            refusal = (
+                501,
+                "unsupported_transfer_encoding",
+                f"transfer coding {shown!r} is not supported; only chunked is",
+            )
+        elif length is not None and length.isdigit() and int(length) > limit:
+            refusal = 413, "payload_too_large", f"the body is {int(length)} bytes; the limit is {limit}"
+        if refusal is not None:
+            self._refuse(*refusal, _request_id(self.headers), self._v2_path())
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
-        if self._body_bytes > self.limits.max_body_bytes and not self.cycle.response_complete:
+        limit = self.limits.max_body_bytes
+        if self._body_bytes > limit and not self.cycle.response_complete:  # a chunked body (Content-Length is checked)
             rid = (self.cycle.scope.get("state") or {}).get("request_id")
-            self._refuse(413, "payload_too_large", f"the body exceeds the limit of {self.limits.max_body_bytes} bytes",
-                         rid)  # fmt: skip
+            self._refuse(413, "payload_too_large", f"the body exceeds the limit of {limit} bytes", rid, self._v2_path())
         super().on_body(body)
 
     def on_message_complete(self) -> None:

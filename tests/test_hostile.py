@@ -1,0 +1,757 @@
+"""Hostile clients at the HTTP layer, and proof that memory stays bounded.
+
+Each case is what an attacker would send to a service with its default settings, anonymous, on 127.0.0.1;
+the answer must be a clear 4xx/5xx in the service's JSON shape (never a 500, never a hang), and the process's
+peak resident memory (``VmHWM`` in ``/proc/<pid>/status``, read from a fresh server where the case needs its
+own peak) must stay far below the pod's limit (512 MiB in k8s/base/deployment.yaml). While abuse runs, a
+probe thread keeps asking ``/healthz`` with the Kubernetes probe's own timeout: the assertion is that every
+probe is answered; the latencies measured are printed (``-s``) and recorded in docs/reliability.md, not
+asserted, since they depend on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import re
+import shutil
+import socket
+import statistics
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.helpers import ROOT, Server, start_server
+
+MiB = 2**20
+POD_LIMIT_MIB = 512  # k8s/base/deployment.yaml resources.limits.memory
+BUDGET_MIB = 0.6 * POD_LIMIT_MIB  # peak RSS under the worst mix: 60% of the pod limit
+PROBE_TIMEOUT_S = 2.0  # k8s/base/deployment.yaml livenessProbe.timeoutSeconds
+MAX_BODY = 16 * MiB  # the default max_body_bytes
+ADMIN_TOKEN = "hostile-admin-token"
+MODEL = "mnist-mlp"
+IMAGES = np.random.default_rng(7).integers(0, 256, (4096, 784), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def proc_status(pid: int, key: str) -> float:
+    """A ``/proc/<pid>/status`` memory line (VmRSS, VmHWM) in MiB."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    found = re.search(rf"^{key}:\s+(\d+) kB$", text, re.MULTILINE)
+    assert found, f"{key} not in /proc/{pid}/status"
+    return int(found.group(1)) / 1024
+
+
+def hwm(server: Server) -> float:
+    return proc_status(server.proc.pid, "VmHWM")
+
+
+def rss(server: Server) -> float:
+    return proc_status(server.proc.pid, "VmRSS")
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float = 30) -> bytes:
+    """Everything the server sends until it closes the connection (fails if it stays open)."""
+    sock.settimeout(timeout_s)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        raise AssertionError(f"the server kept the connection open past {timeout_s} s (got {data[:80]!r})") from None
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def parse(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers lower-cased, body) of the first response in ``data``."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    found = re.match(r"HTTP/1\.[01] (\d{3}) ", lines[0])
+    assert found, data[:200]
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(found.group(1)), headers, body
+
+
+def assert_service_error(data: bytes, status: int, code: str, path: str = "") -> dict[str, object]:
+    """One response in the service's error shape: status, JSON content type, code, and a request id that
+    matches the ``X-Request-ID`` header when there is one. Under /v2 the shape is that protocol's,
+    ``{"error": "message"}``."""
+    got, headers, body = parse(data)
+    assert got == status, data[:300]
+    assert headers["content-type"].startswith("application/json"), headers
+    err = json.loads(body)["error"]
+    if path.startswith("/v2/"):
+        assert isinstance(err, str), err
+        assert err
+        return {"message": err}
+    assert set(err) == {"code", "message", "request_id"}, err
+    assert err["code"] == code, err
+    assert err["message"]
+    if "x-request-id" in headers:
+        assert err["request_id"] == headers["x-request-id"]
+    return dict(err)
+
+
+def send_then_read(port: int, head: bytes, body_chunks: Iterable[bytes] = (), timeout_s: float = 30) -> bytes:
+    """Send ``head``, then body chunks until the server stops reading, then read its answer."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(head)
+        with contextlib.suppress(OSError):  # the server answers and closes before the rest is in
+            for chunk in body_chunks:
+                s.sendall(chunk)
+        return read_until_closed(s, timeout_s)
+
+
+def chunked(piece: bytes, total: int) -> Iterator[bytes]:
+    """``total`` bytes of ``piece`` repeated, in chunked transfer coding, 1 MiB a chunk."""
+    block = (piece * (MiB // len(piece) + 1))[:MiB]
+    sent = 0
+    while sent < total:
+        yield b"%x\r\n%s\r\n" % (len(block), block)
+        sent += len(block)
+    yield b"0\r\n\r\n"
+
+
+def npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def v2_binary_body(images: np.ndarray) -> tuple[bytes, int]:
+    """An Open Inference Protocol request with UINT8 images in the binary tensor data extension."""
+    header = json.dumps({
+        "inputs": [{"name": "pixels", "shape": list(images.shape), "datatype": "UINT8",
+                    "parameters": {"binary_data_size": images.nbytes}}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }).encode()  # fmt: skip
+    return header + images.tobytes(), len(header)
+
+
+class Prober(threading.Thread):
+    """Asks ``/healthz`` every ``interval_s`` on a new connection, with the probe's timeout; keeps every
+    latency, and every failure (a timeout, a refused connection, a status other than 200)."""
+
+    def __init__(self, url: str, interval_s: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.url, self.interval_s = url, interval_s
+        self.latencies_ms: list[float] = []
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            start = time.perf_counter()
+            try:
+                r = httpx.get(f"{self.url}/healthz", timeout=PROBE_TIMEOUT_S)
+                if r.status_code != 200:
+                    self.failures.append(f"status {r.status_code}")
+            except httpx.HTTPError as exc:
+                self.failures.append(repr(exc))
+            else:
+                self.latencies_ms.append((time.perf_counter() - start) * 1000)
+            self.stop.wait(self.interval_s)
+
+    def __enter__(self) -> Prober:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join(30)
+
+    def summary(self) -> str:
+        lat = sorted(self.latencies_ms)
+        if not lat:
+            return "no probe answered"
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        return (f"/healthz: {len(lat)} answered, {len(self.failures)} failed; p50 {statistics.median(lat):.1f} ms, "
+                f"p99 {p99:.1f} ms, max {lat[-1]:.1f} ms")  # fmt: skip
+
+
+def run_for(seconds: float, workers: list[Callable[[threading.Event], None]]) -> None:
+    """Run each worker in its own thread until ``seconds`` have passed, then stop and join them."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=w, args=(stop,), daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    stop.wait(seconds)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a load thread did not stop"
+
+
+_COUNT_LOCK = threading.Lock()
+
+
+def poster(port: int, path: str, headers: dict[str, str], body: bytes, statuses: Counter[int]) -> Callable[
+        [threading.Event], None]:  # fmt: skip
+    """A worker posting ``body`` back to back on fresh connections, counting the statuses it gets."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()  # fmt: skip
+
+    def work(stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                    s.sendall(head)
+                    with contextlib.suppress(OSError):  # refused early: the server closed while we sent
+                        s.sendall(body)
+                    data = read_until_closed(s, 60)
+            except OSError:
+                data = b""
+            with _COUNT_LOCK:
+                statuses[parse(data)[0] if data else 0] += 1
+
+    return work
+
+
+# ---------------------------------------------------------------------------------------------- servers
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A writable copy of the shipped model repository (admin tests add version folders to it)."""
+    root = tmp_path_factory.mktemp("hostile-models")
+    shutil.copytree(ROOT / "models" / MODEL / "1", root / MODEL / "1")
+    return root
+
+
+@contextlib.contextmanager
+def fresh(repo: Path, tmp: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """A new server process: its VmHWM is this case's own peak."""
+    srv = start_server(repo, tmp, *args, env=env)
+    try:
+        yield srv
+    finally:
+        code = srv.terminate()
+        assert code == 0, srv.logs()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Default settings, plus an admin token."""
+    with fresh(repo, tmp_path_factory.mktemp("hostile-srv"), env={"MNIST_ADMIN_TOKEN": ADMIN_TOKEN}) as srv:
+        yield srv
+    assert "unhandled error" not in srv.logs()
+    assert "Traceback" not in srv.logs()
+
+
+# ---------------------------------------------------------------------------------------------- body size
+BODY_ROUTES = [
+    ("POST", "/v1/feedback"),
+    ("POST", "/v1/predict"),
+    ("POST", "/v1/predict/batch"),
+    ("POST", f"/v2/models/{MODEL}/infer"),
+    ("POST", "/v2/repository/index"),
+    ("POST", f"/admin/models/{MODEL}/versions/1/load"),
+    ("POST", "/no/such/route"),
+    ("GET", "/healthz"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), BODY_ROUTES)
+def test_a_declared_oversized_body_is_413_before_it_is_read_on_every_route(server: Server, method: str,
+                                                                           path: str) -> None:  # fmt: skip
+    """512 MiB declared: the answer comes from the headers alone (nothing of the body is sent)."""
+    head = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"X-Request-ID: big-{path.count('/')}\r\nContent-Length: {512 * MiB}\r\n\r\n").encode()  # fmt: skip
+    data = send_then_read(server.port, head)
+    err = assert_service_error(data, 413, "payload_too_large", path)
+    if not path.startswith("/v2/"):
+        assert err["request_id"] == f"big-{path.count('/')}"
+
+
+@pytest.mark.parametrize(("path", "piece"), [("/v1/feedback", b" "), ("/v1/feedback", b"[],"),
+                                             ("/v1/predict/batch", b"\x00"), ("/v1/predict", b"\t")])  # fmt: skip
+def test_a_chunked_body_past_the_limit_is_413_and_costs_no_memory(repo: Path, tmp_path: Path, path: str,
+                                                                  piece: bytes) -> None:  # fmt: skip
+    """64 MiB of whitespace or ``[]`` items, chunked (no declared size): 413 once 16 MiB are in."""
+    with fresh(repo, tmp_path) as srv:
+        before = hwm(srv)
+        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n").encode()  # fmt: skip
+        data = send_then_read(srv.port, head, chunked(piece, 64 * MiB))
+        peak = hwm(srv)
+    print(f"\n{path} chunked {piece!r} x 64 MiB: {data[:12]!r}; VmHWM {before:.0f} -> {peak:.0f} MiB")
+    assert_service_error(data, 413, "payload_too_large")
+    assert peak - before < 3 * MAX_BODY / MiB, (before, peak)
+
+
+# ---------------------------------------------------------------------------------------------- headers
+@pytest.mark.parametrize(
+    "start",
+    [b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ", b"GET /"],
+    ids=["header-name", "header-value", "url"],
+)
+def test_an_endless_header_without_crlf_is_431_and_costs_no_memory(repo: Path, tmp_path: Path,
+                                                                   start: bytes) -> None:  # fmt: skip
+    """A header name, a header value or a URL streamed with no CRLF, on 30 connections at once: httptools
+    buffers it without a callback, so the cap is applied to the bytes received."""
+    sent: list[int] = []
+    answers: list[bytes] = []
+
+    def stream() -> None:
+        total = 0
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            try:
+                s.sendall(start)
+                for _ in range(64):  # up to 16 MiB; the server must stop reading long before
+                    s.sendall(b"a" * (256 * 1024))
+                    total += 256 * 1024
+            except OSError:
+                pass
+            answers.append(read_until_closed(s, 30))
+        sent.append(total)
+
+    with fresh(repo, tmp_path) as srv:
+        before = hwm(srv)
+        threads = [threading.Thread(target=stream) for _ in range(30)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        peak = hwm(srv)
+        assert httpx.get(f"{srv.url}/healthz", timeout=10).status_code == 200
+    print(f"\nendless {start[-6:]!r}: sent at most {max(sent) / MiB:.2f} MiB; VmHWM {before:.0f} -> {peak:.0f} MiB")
+    assert len(answers) == 30
+    for data in answers:
+        assert_service_error(data, 431, "headers_too_large")
+    assert max(sent) < 8 * MiB, "the server kept reading a header past its limit"
+    assert peak - before < 32, (before, peak)
+
+
+# ---------------------------------------------------------------------------------------------- framing
+@pytest.mark.parametrize(
+    ("request_head", "status", "code"),
+    [
+        (b"POST /v1/predict/batch HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501,
+         "unsupported_transfer_encoding"),
+        (b"POST /v1/feedback HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: deflate\r\nTransfer-Encoding: chunked\r\n\r\n",
+         501, "unsupported_transfer_encoding"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: x-custom, chunked\r\n\r\n", 501,
+         "unsupported_transfer_encoding"),
+        (b"POST /v1/predict HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 400,
+         "invalid_transfer_encoding"),
+        (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: \xc2\xb2\r\n\r\n", 400, "malformed_http"),
+    ],
+    ids=["gzip-chunked", "deflate-then-chunked", "unknown-coding-on-a-probe", "te-on-http-1.0", "superscript-length"],
+)  # fmt: skip
+def test_unknown_transfer_codings_and_bad_framing_are_refused(server: Server, request_head: bytes, status: int,
+                                                              code: str) -> None:  # fmt: skip
+    body = b"5\r\nhello\r\n0\r\n\r\n" if b"chunked" in request_head else b""
+    assert_service_error(send_then_read(server.port, request_head + body), status, code)
+
+
+def test_a_chunked_request_is_still_served(server: Server) -> None:
+    body = json.dumps({"image": [0.0] * 784}).encode()
+    head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+    data = send_then_read(server.port, head + b"Connection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    status, _, payload = parse(data)
+    assert status == 200, data[:300]
+    assert 0 <= json.loads(payload)["label"] <= 9
+
+
+def test_no_redirect_is_built_from_the_host_header(server: Server) -> None:
+    for path in ("/v1/models/", "/docs/", "/v1/predict/"):
+        data = send_then_read(server.port, f"GET {path} HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+                              .encode())  # fmt: skip
+        status, headers, _ = parse(data)
+        assert b"evil.example" not in data, (path, data[:300])
+        assert not 300 <= status < 400 or headers.get("location", "").startswith("/"), (path, data[:300])
+
+
+# ---------------------------------------------------------------------------------------------- slow bodies
+@pytest.fixture(scope="module")
+def slow_server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with fresh(repo, tmp_path_factory.mktemp("slow-body"), "--body-timeout-s", "2") as srv:
+        yield srv
+
+
+def _trickle(port: int, path: str, interval_s: float) -> tuple[bytes, float]:
+    """Headers declaring 500 bytes, then one body byte every ``interval_s``: (answer, seconds after headers)."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n"
+                  "\r\n".encode())  # fmt: skip
+        start = time.monotonic()
+        s.settimeout(interval_s)
+        data = b""
+        for _ in range(500):
+            try:
+                s.sendall(b" ")
+            except OSError:
+                break
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            data += chunk
+            break
+        return data + read_until_closed(s, 30), time.monotonic() - start
+
+
+@pytest.mark.parametrize("path", ["/v1/feedback", "/v1/predict", "/v1/predict/batch", f"/v2/models/{MODEL}/infer"])
+def test_a_trickling_body_gets_400_body_timeout_on_every_route(slow_server: Server, path: str) -> None:
+    data, seconds = _trickle(slow_server.port, path, 0.25)
+    print(f"\n{path}: answered after {seconds:.2f} s (body_timeout_s 2)")
+    assert_service_error(data, 400, "body_timeout", path)
+    assert seconds >= 2.0  # not before the timer (the timer cannot fire early; no upper bound asserted)
+
+
+@pytest.mark.slow
+def test_a_body_sent_a_byte_a_second_gets_400_body_timeout_at_the_default(server: Server) -> None:
+    data, seconds = _trickle(server.port, "/v1/feedback", 1.0)
+    print(f"\n1 byte/s with the default body_timeout_s (10 s): answered after {seconds:.2f} s")
+    assert_service_error(data, 400, "body_timeout")
+    assert seconds >= 10.0
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def _bomb(prefix: bytes, item: bytes, suffix: bytes, size: int = 15 * MiB) -> bytes:
+    n = (size - len(prefix) - len(suffix)) // (len(item) + 1)
+    return prefix + b",".join([item] * n) + suffix
+
+
+JSON_BOMBS = {
+    "predict-dicts": ("/v1/predict", _bomb(b'{"image": [', b"{}", b"]}")),
+    "batch-lists": ("/v1/predict/batch", _bomb(b'{"images": [', b"[]", b"]}")),
+    "feedback-lists": ("/v1/feedback", _bomb(b'{"prediction_id": "x", "label": 1, "index": [', b"[]", b"]}")),
+    "v2-lists": (f"/v2/models/{MODEL}/infer",
+                 _bomb(b'{"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "FP32", "data": [', b"[]",
+                       b"]}]}")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(JSON_BOMBS))
+def test_a_json_element_bomb_is_refused_without_the_memory(repo: Path, tmp_path: Path, case: str) -> None:
+    """15 MiB of ``{}`` or ``[]`` items (under the body limit): millions of Python objects if decoded in
+    full; refused while decoding, by element count."""
+    path, body = JSON_BOMBS[case]
+    with fresh(repo, tmp_path) as srv:
+        before = hwm(srv)
+        start = time.perf_counter()
+        r = httpx.post(f"{srv.url}{path}", content=body, headers={"content-type": "application/json"}, timeout=60)
+        seconds = time.perf_counter() - start
+        peak = hwm(srv)
+    print(f"\n{case}: {r.status_code} after {seconds:.2f} s; VmHWM {before:.0f} -> {peak:.0f} MiB")
+    assert 400 <= r.status_code < 500, r.text[:300]
+    assert peak - before < 4 * len(body) / MiB, (before, peak)
+
+
+def test_json_bombs_do_not_stall_the_probes(repo: Path, tmp_path: Path) -> None:
+    """Three clients sending element bombs back to back: decoding that can take more than a few ms runs off
+    the event loop, so every probe is answered within the probe's timeout."""
+    statuses: Counter[int] = Counter()
+    with fresh(repo, tmp_path) as srv:
+        workers = [poster(srv.port, path, {"content-type": "application/json"}, body, statuses)
+                   for path, body in (JSON_BOMBS["predict-dicts"], JSON_BOMBS["batch-lists"],
+                                      JSON_BOMBS["feedback-lists"])]  # fmt: skip
+        with Prober(srv.url) as probes:
+            run_for(10, workers)
+        peak = hwm(srv)
+    print(f"\n3 JSON-bomb clients for 10 s: statuses {dict(statuses)}; {probes.summary()}; VmHWM {peak:.0f} MiB")
+    assert not probes.failures, probes.failures[:5]
+    assert probes.latencies_ms
+    assert all(400 <= s < 500 for s in statuses), statuses
+
+
+@pytest.mark.parametrize(
+    ("path", "doc"),
+    [("/v1/predict", {"image": [True] + [0] * 783}),
+     ("/v1/predict", {"image": [[False] * 28] + [[0] * 28] * 27}),
+     ("/v1/predict/batch", {"images": [[0] * 783 + [True]]}),
+     (f"/v2/models/{MODEL}/infer", {"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "FP32",
+                                               "data": [True] + [0] * 783}]})],
+    ids=["flat", "nested", "batch", "v2"],
+)  # fmt: skip
+def test_booleans_are_not_pixels(server: Server, path: str, doc: object) -> None:
+    r = httpx.post(f"{server.url}{path}", json=doc, timeout=30)
+    if path.startswith("/v2"):
+        assert 400 <= r.status_code < 500, r.text[:300]
+    else:
+        assert r.status_code == 422, r.text[:300]
+
+
+# ---------------------------------------------------------------------------------------------- never a 500
+def test_a_non_ascii_digit_in_a_header_or_a_path_is_400_not_500(server: Server) -> None:
+    body, _ = v2_binary_body(IMAGES[:1])
+    r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=body, timeout=30,
+                   headers={"content-type": "application/octet-stream",
+                            "inference-header-content-length": "²"})  # fmt: skip
+    assert r.status_code == 400, r.text[:300]
+    assert isinstance(r.json()["error"], str)  # the protocol's own error shape
+    assert "Traceback" not in r.text
+    r = httpx.post(f"{server.url}/admin/models/{MODEL}/versions/%C2%B2/load", timeout=30,
+                   headers={"authorization": f"Bearer {ADMIN_TOKEN}"})  # fmt: skip
+    assert 400 <= r.status_code < 500, r.text[:300]
+    assert set(r.json()["error"]) == {"code", "message", "request_id"}
+    r = httpx.post(f"{server.url}/v1/predict", json={"image": [0.0] * 784}, timeout=30,
+                   headers={"x-request-deadline-ms": "²"})  # fmt: skip
+    assert 400 <= r.status_code < 500, r.text[:300]
+
+
+# ---------------------------------------------------------------------------------------------- model metadata
+def _version(repo: Path, version: str, **changes: object) -> Path:
+    """A copy of version 1 as ``version`` with ``changes`` applied to its metadata (None deletes a key)."""
+    folder = repo / MODEL / version
+    shutil.copytree(repo / MODEL / "1", folder)
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["version"] = version
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    return folder
+
+
+def _outside_model(tmp: Path) -> Path:
+    outside = tmp / "outside"
+    outside.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "models" / MODEL / "1" / "model.onnx", outside / "model.onnx")
+    return outside / "model.onnx"
+
+
+def _symlinked_version(repo: Path, tmp: Path, version: str) -> None:
+    """A whole version folder that is a symlink to a valid-looking version outside the repository."""
+    outside = tmp / f"outside-version-{version}"
+    shutil.copytree(repo / MODEL / "1", outside)
+    meta = json.loads((outside / "metadata.json").read_text())
+    meta["version"] = version
+    (outside / "metadata.json").write_text(json.dumps(meta))
+    (repo / MODEL / version).symlink_to(outside, target_is_directory=True)
+
+
+def _symlinked_file(repo: Path, tmp: Path, version: str) -> None:
+    folder = _version(repo, version)
+    (folder / "model.onnx").unlink()
+    (folder / "model.onnx").symlink_to(_outside_model(tmp))
+
+
+METADATA_CASES: dict[str, Callable[[Path, Path, str], object]] = {
+    "dev-zero": lambda repo, tmp, v: _version(repo, v, file="/dev/zero"),
+    "absolute-path": lambda repo, tmp, v: _version(repo, v, file=str(_outside_model(tmp))),
+    "dot-dot": lambda repo, tmp, v: _version(repo, v, file="../1/model.onnx"),
+    "dot-dot-outside": lambda repo, tmp, v: _version(repo, v, file="../../../../../../../../etc/hostname"),
+    "file-not-a-string": lambda repo, tmp, v: _version(repo, v, file={"path": "model.onnx"}),
+    "no-sha256": lambda repo, tmp, v: _version(repo, v, sha256=None),
+    "malformed-reference": lambda repo, tmp, v: _version(repo, v, reference={"class_fractions": "many"}),
+    "reference-not-an-object": lambda repo, tmp, v: _version(repo, v, reference=[1, 2]),
+    "version-folder-symlinked-outside": _symlinked_version,
+    "model-file-symlinked-outside": _symlinked_file,
+}
+
+
+def test_hostile_model_metadata_is_refused_with_422_and_no_memory(tmp_path: Path) -> None:
+    """Through the admin endpoint (token needed): every bad version is a 422 naming the problem, memory does
+    not move (``/dev/zero`` is never read), and version 1 keeps serving."""
+    own = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / MODEL / "1", own / MODEL / "1")
+    auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    results = {}
+    with fresh(own, tmp_path, env={"MNIST_ADMIN_TOKEN": ADMIN_TOKEN}) as server:
+        for i, (case, make) in enumerate(METADATA_CASES.items()):
+            version = str(100 + i)
+            make(own, tmp_path, version)
+            before = hwm(server)
+            r = httpx.post(f"{server.url}/admin/models/{MODEL}/versions/{version}/load", headers=auth, timeout=60)
+            grew = hwm(server) - before
+            results[case] = (r.status_code, r.text[:160], grew)
+            assert r.status_code == 422, (case, r.status_code, r.text[:400])
+            assert set(r.json()["error"]) == {"code", "message", "request_id"}, (case, r.text[:400])
+            assert grew < 32, (case, before, grew)
+            served = httpx.post(f"{server.url}/v1/predict", json={"image": [0.0] * 784}, timeout=30)
+            assert served.status_code == 200
+            assert served.headers["x-model-version"] == "1", case
+    print("\n" + "\n".join(f"{case}: {status} {text}, VmHWM +{grew:.1f} MiB"
+                           for case, (status, text, grew) in results.items()))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- feedback
+def _predict(c: httpx.Client, request_id: str | None = None) -> httpx.Response:
+    headers = {"x-request-id": request_id} if request_id else {}
+    r = c.post("/v1/predict", json={"image": (IMAGES[0] / 255).tolist()}, headers=headers)
+    assert r.status_code == 200, r.text[:300]
+    return r
+
+
+def test_feedback_refers_to_a_server_issued_unguessable_id(server: Server) -> None:
+    with server.client() as c:
+        responses = [_predict(c, f"client-chosen-{i}") for i in range(20)]
+        ids = [r.json()["prediction_id"] for r in responses]
+        for i, r in enumerate(responses):
+            assert r.headers["x-prediction-id"] == ids[i]
+            assert r.headers["x-request-id"] == f"client-chosen-{i}"  # the correlation id is only echoed
+            assert ids[i] != f"client-chosen-{i}"
+        assert len(set(ids)) == len(ids)
+        assert all(len(pid) >= 16 for pid in ids)
+        # unguessable: no shared prefix, no counter (random ids of >= 16 characters share < 8 by chance)
+        assert max(len(_common_prefix(a, b)) for a in ids for b in ids if a != b) < 8
+        label = responses[0].json()["label"]
+        forged = c.post("/v1/feedback", json={"prediction_id": "client-chosen-0", "label": label, "index": 0})
+        assert forged.status_code == 404, forged.text
+        old_form = c.post("/v1/feedback", json={"request_id": "client-chosen-1", "label": label})
+        assert 400 <= old_form.status_code < 500
+        ok = c.post("/v1/feedback", json={"prediction_id": ids[0], "label": label, "index": 0})
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["correct"] is True
+        batch = c.post("/v1/predict/batch", content=npy(IMAGES[:3]), headers={"content-type": "application/x-npy"})
+        assert batch.headers["x-prediction-id"] == batch.json()["prediction_id"]
+        assert c.post("/v1/feedback", json={"prediction_id": batch.json()["prediction_id"],
+                                            "label": batch.json()["labels"][2], "index": 2}).status_code == 200  # fmt: skip
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def test_feedback_can_require_a_token_and_is_rate_limited(repo: Path, tmp_path: Path) -> None:
+    env = {"MNIST_FEEDBACK_TOKEN": "fb-secret", "MNIST_FEEDBACK_RATE_PER_S": "0.5"}
+    with fresh(repo, tmp_path, env=env) as srv, srv.client() as c:
+        r = _predict(c)
+        doc = {"prediction_id": r.json()["prediction_id"], "label": r.json()["label"], "index": 0}
+        missing = c.post("/v1/feedback", json=doc)
+        wrong = c.post("/v1/feedback", json=doc, headers={"authorization": "Bearer fb-secreX"})
+        assert missing.status_code == 401, missing.text
+        assert wrong.status_code == 401, wrong.text
+        assert "fb-secret" not in missing.text + wrong.text
+        auth = {"authorization": "Bearer fb-secret"}
+        statuses = [c.post("/v1/feedback", json=doc, headers=auth).status_code for _ in range(10)]
+        assert statuses[0] == 200, statuses
+        assert 429 in statuses, statuses  # 10 at once against 0.5/s
+        limited = c.post("/v1/feedback", json=doc, headers=auth)
+        assert limited.status_code == 429
+        assert set(limited.json()["error"]) == {"code", "message", "request_id"}
+    assert "fb-secret" not in srv.logs()
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def test_remembered_predictions_are_bounded_by_bytes(repo: Path, tmp_path: Path) -> None:
+    """200 Open Inference Protocol requests of 4096 gzipped uint8 images, each with its own X-Request-ID:
+    what stays behind is the remembered labels, one byte each (int64 labels would be 6.4 MiB here), and the
+    peak stays far below the pod limit."""
+    body, header_len = v2_binary_body(IMAGES)
+    gz = gzip.compress(body, 1)
+    headers = {"content-type": "application/octet-stream", "content-encoding": "gzip",
+               "inference-header-content-length": str(header_len)}  # fmt: skip
+    with fresh(repo, tmp_path) as srv, srv.client() as c:
+        for i in range(20):  # warm: arenas, pools, the first remembered entries
+            assert c.post(f"/v2/models/{MODEL}/infer", content=gz, headers={**headers, "x-request-id": f"w{i}"}
+                          ).status_code == 200  # fmt: skip
+        time.sleep(2)  # the in-flight limit trims the heap once the load has fallen
+        base = rss(srv)
+        for i in range(200):
+            r = c.post(f"/v2/models/{MODEL}/infer", content=gz, headers={**headers, "x-request-id": f"r{i}"})
+            assert r.status_code == 200, r.text[:300]
+        time.sleep(2)
+        grown, peak = rss(srv) - base, hwm(srv)
+    print(f"\n200 x 4096 gzipped uint8 images over /v2: RSS +{grown:.1f} MiB after the load, VmHWM {peak:.0f} MiB")
+    assert grown < 200 * 4096 * 4 / MiB, grown  # < 4 bytes per label: uint8, not int64
+    assert peak < BUDGET_MIB, peak
+
+
+def _settle(srv: Server, target_mib: float, timeout_s: float = 15) -> float:
+    """Wait until the server's RSS is at most ``target_mib`` (or the timeout); returns the last reading."""
+    deadline = time.monotonic() + timeout_s
+    while (now := rss(srv)) > target_mib and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return now
+
+
+@pytest.mark.slow
+def test_a_bulk_flood_stays_under_budget_and_memory_comes_back(repo: Path, tmp_path: Path) -> None:
+    """64 connections posting 4096-image ``.npy`` bodies back to back, for 8 s, twice: 200 or 503 only,
+    probes answered, peak under 60% of the pod limit, and resident memory back near its baseline after each
+    round (the heap is trimmed once the load falls)."""
+    body = npy(IMAGES)
+    statuses: Counter[int] = Counter()
+    with fresh(repo, tmp_path) as srv:
+        assert httpx.post(f"{srv.url}/v1/predict/batch", content=body, timeout=60,
+                          headers={"content-type": "application/x-npy"}).status_code == 200  # fmt: skip
+        base = rss(srv)
+        after = []
+        with Prober(srv.url) as probes:
+            for _ in range(2):
+                run_for(8, [poster(srv.port, "/v1/predict/batch", {"content-type": "application/x-npy"}, body,
+                                   statuses) for _ in range(64)])  # fmt: skip
+                after.append(_settle(srv, base + 48))
+        peak = hwm(srv)
+    print(
+        f"\nbulk flood 64 x 3.1 MiB npy, 2 x 8 s: statuses {dict(statuses)}; RSS base {base:.0f} MiB, "
+        f"after each round {[round(a) for a in after]} MiB; VmHWM {peak:.0f} MiB; {probes.summary()}"
+    )
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses[200] > 0
+    assert not probes.failures, probes.failures[:5]
+    assert peak < BUDGET_MIB, peak
+    assert all(a <= base + 48 for a in after), (base, after)
+
+
+@pytest.mark.slow
+def test_the_worst_request_mix_stays_under_60_percent_of_the_pod_limit(repo: Path, tmp_path: Path) -> None:
+    """Everything above at once for 15 s: bulk ``.npy`` floods, gzipped v2 batches, JSON element bombs,
+    oversized chunked bodies, endless headers and trickling bodies. Peak RSS < 60% of 512 MiB, and every
+    ``/healthz`` probe answered throughout."""
+    statuses: Counter[int] = Counter()
+    npy_body = npy(IMAGES)
+    v2_body, header_len = v2_binary_body(IMAGES)
+    gz = gzip.compress(v2_body, 1)
+
+    def endless_header(stop: threading.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", srv.port)) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+                while not stop.is_set():
+                    s.sendall(b"a" * 65536)
+
+    def oversized_chunked(stop: threading.Event) -> None:
+        head = b"POST /v1/feedback HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                send_then_read(srv.port, head, chunked(b" ", 64 * MiB))
+
+    def trickle(stop: threading.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", srv.port)) as s:
+                s.sendall(b"POST /v1/predict/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(npy_body) + npy_body[: len(npy_body) // 2])  # fmt: skip
+                stop.wait(5)
+
+    with fresh(repo, tmp_path, "--body-timeout-s", "3") as srv:
+        base = hwm(srv)
+        workers = [poster(srv.port, "/v1/predict/batch", {"content-type": "application/x-npy"}, npy_body, statuses)
+                   for _ in range(48)]  # fmt: skip
+        workers += [poster(srv.port, f"/v2/models/{MODEL}/infer",
+                           {"content-type": "application/octet-stream", "content-encoding": "gzip",
+                            "inference-header-content-length": str(header_len)}, gz, statuses) for _ in range(8)]  # fmt: skip
+        workers += [poster(srv.port, path, {"content-type": "application/json"}, body, statuses)
+                    for path, body in JSON_BOMBS.values()]  # fmt: skip
+        workers += [endless_header] * 8 + [oversized_chunked] * 4 + [trickle] * 16
+        with Prober(srv.url) as probes:
+            run_for(15, workers)
+        peak = hwm(srv)
+        settled = _settle(srv, base + 48)
+    print(
+        f"\nworst mix, 15 s: statuses {dict(statuses)}; VmHWM {base:.0f} -> {peak:.0f} MiB "
+        f"(budget {BUDGET_MIB:.0f}); RSS after {settled:.0f} MiB; {probes.summary()}"
+    )
+    assert not probes.failures, probes.failures[:5]
+    assert peak < BUDGET_MIB, peak
+    assert statuses[200] > 0
+    assert not [s for s in statuses if s >= 500 and s != 503], statuses
