@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError, Message
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
@@ -159,7 +159,7 @@ class GrpcServer:
         }
         handlers = {name: self._rpc(name, cls, fn) for name, (cls, fn) in methods.items()}
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        health.health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server, pool=pb.POOL)
 
@@ -182,7 +182,7 @@ class GrpcServer:
             except ServiceError as exc:
                 code = grpc_status(exc)
                 retry = exc.headers.get("Retry-After")
-                await context.abort(code, exc.message, (("retry-after", retry),) if retry else None)
+                await context.abort(code, exc.message, (("retry-after", retry),) if retry else ())
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
