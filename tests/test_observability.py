@@ -416,7 +416,7 @@ def drive(url: str, x: np.ndarray, y: np.ndarray, seconds: float) -> Tally:
                 if time.monotonic() > stop_at:
                     return
                 k = i % len(x)
-                c = clients[i % len(clients)]
+                c = clients[(i // 4) % len(clients)]  # four predictions per client, the first with feedback
                 if i % 10 == 9:
                     r = c.post("/v1/predict", content=png(x[k]), headers={"content-type": "image/png"})
                 else:
@@ -431,7 +431,7 @@ def drive(url: str, x: np.ndarray, y: np.ndarray, seconds: float) -> Tally:
                     tally.add("/v1/feedback", 200)
                     with tally.lock:
                         tally.feedback["correct" if correct else "incorrect"] += 1
-                        tally.sources.add(CLIENT_ADDRESSES[i % len(clients)])
+                        tally.sources.add(CLIENT_ADDRESSES[(i // 4) % len(clients)])
         finally:
             for c in clients:
                 c.close()
@@ -658,8 +658,9 @@ def test_drift_crosses_the_alert_threshold_only_for_drifted_digits(stack: Stack)
     x, c = stack.x, httpx.Client(base_url=stack.server.url, timeout=30)
 
     def send(images: np.ndarray) -> None:
-        for i in range(0, len(images), 500):
-            r = c.post("/v1/predict/batch", content=npy(images[i : i + 500]),
+        """In requests of 64 images: the most one request adds to the drift window."""
+        for i in range(0, len(images), 64):
+            r = c.post("/v1/predict/batch", content=npy(images[i : i + 64]),
                        headers={"content-type": "application/x-npy"})  # fmt: skip
             assert r.status_code == 200, r.text
 
