@@ -2,8 +2,9 @@
 
 A second transport beside REST, in the same process and on the same event loop (grpc.aio), on its own port
 (``grpc_port``; 0 = off). Inference goes through ``Core.admit`` and ``Core.infer``, so REST and gRPC requests
-join the same batches, under the same limits, deadlines and drain. Beside it: the standard gRPC health
-service (SERVING while the core is ready; NOT_SERVING while warming up or draining) and server reflection.
+join the same batches, under the same limits, deadlines and drain. Beside it: the standard gRPC health service
+("" = liveness; "readiness" and the inference service = readiness: NOT_SERVING while warming up or draining)
+and server reflection.
 
 * Input: one tensor, ``raw_input_contents`` or typed ``contents`` (FP32 ``fp32_contents``, UINT8
   ``uint_contents``), validated by the same codec as REST /v2 (service/tensors.py).
@@ -42,6 +43,9 @@ from service.tensors import LABEL_OUTPUT, PLATFORM, classification, input_images
 log = logging.getLogger("service.grpc")
 
 SERVICE = "inference.GRPCInferenceService"
+#: Health service names that answer readiness (NOT_SERVING while warming up or draining); "" answers liveness:
+#: SERVING for as long as the server runs (Kubernetes' gRPC liveness probe must not fail during a drain).
+READINESS_NAMES = ("readiness", SERVICE)
 EXTENSIONS = ("classification",)
 _STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -271,6 +275,7 @@ class GrpcServer:
     async def start(self) -> None:
         s = self.core.settings
         self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        await self.health.set("", _SERVING)
         await self._sync_health()
         await self.server.start()
         self._watcher = asyncio.create_task(self._watch())
@@ -278,22 +283,23 @@ class GrpcServer:
 
     async def _sync_health(self) -> None:
         status = _SERVING if self.core.ready else _NOT_SERVING
-        for name in ("", SERVICE):
+        for name in READINESS_NAMES:
             await self.health.set(name, status)
 
     async def _watch(self) -> None:
-        """Health follows readiness: SERVING once warm, NOT_SERVING for good once draining starts."""
+        """Readiness names follow the core: SERVING once warm, NOT_SERVING for good once draining starts."""
         while not self.core.draining:
             await self._sync_health()
             await asyncio.sleep(0.1)
-        await self.health.enter_graceful_shutdown()
+        await self._sync_health()
 
     async def drain(self, grace_s: float) -> None:
         """Health NOT_SERVING, new inference refused (UNAVAILABLE, by the core), calls in flight finish
         (at most ``grace_s``), then the server stops. Call it before the batcher stops."""
-        await self.health.enter_graceful_shutdown()
         if self._watcher is not None:
             self._watcher.cancel()
+        for name in READINESS_NAMES:
+            await self.health.set(name, _NOT_SERVING)
         start = time.monotonic()
         if self._inflight:
             log.info("gRPC draining", extra={"calls_in_flight": self._inflight, "grace_s": grace_s})

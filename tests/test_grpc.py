@@ -154,8 +154,9 @@ def test_health_and_metadata_with_tritonclient(tc: tg.InferenceServerClient, tar
         with pytest.raises(InferenceServerException) as err:
             bad()
         assert err.value.status() == "StatusCode.NOT_FOUND"
-    # the standard health service, as Kubernetes' gRPC probe asks it
+    # the standard health service, as Kubernetes' gRPC probes ask it: "" = liveness, "readiness"
     assert health_status(target) == "SERVING"
+    assert health_status(target, "readiness") == "SERVING"
     assert health_status(target, SERVICE) == "SERVING"
     with pytest.raises(grpc.RpcError) as rpc:
         health_status(target, "no.such.Service")
@@ -490,7 +491,9 @@ def test_sigterm_drains_calls_in_flight(tmp_path: Path, engine: Engine) -> None:
         queued = [_submit(target, request(digits_image(10 + i)).SerializeToString()) for i in range(3)]
         wait_until(lambda: metric(srv, "mnist_queue_depth_images", 'queue="interactive"') == 3, "3 calls queued")
         srv.proc.send_signal(15)
-        wait_until(lambda: health_status(target) == "NOT_SERVING", "health to say NOT_SERVING")
+        wait_until(lambda: health_status(target, "readiness") == "NOT_SERVING", "readiness to say NOT_SERVING")
+        assert health_status(target, SERVICE) == "NOT_SERVING"
+        assert health_status(target) == "SERVING"  # liveness: the process is fine, only draining
         code, details, _ = call(target, request(ONE).SerializeToString())
         assert code == "UNAVAILABLE", details
         assert "shutting down" in details
