@@ -16,9 +16,10 @@ from typing import Any
 from fastapi import APIRouter, Query
 from starlette.requests import Request
 
-from service.app import ServiceState, state_of
 from service.errors import ModelLoadError, NotFound, ServiceError, Unauthorized
+from service.inference import Core
 from service.schemas import error_responses
+from service.state import ServiceState
 
 log = logging.getLogger("service.admin")
 
@@ -33,8 +34,13 @@ class ModelRefused(ServiceError):
     code = "model_refused"
 
 
+def core_of(request: Request) -> Core:
+    core: Core = request.app.state.core
+    return core
+
+
 def authorized(request: Request) -> ServiceState:
-    svc = state_of(request)
+    svc = core_of(request).state
     token = svc.settings.admin_token
     if not token:
         raise NotFound("Not Found")
@@ -45,11 +51,9 @@ def authorized(request: Request) -> ServiceState:
     return svc
 
 
-def _publish(svc: ServiceState) -> None:
-    """After a change of the loaded set: model info metrics and the drift reference follow the default."""
-    reg = svc.registry
-    svc.metrics.set_models(reg.models, reg.default)
-    svc.quality.set_reference(reg.default.reference)
+def _check_version(version: str) -> None:
+    if not (version.isascii() and version.isdigit() and 0 < len(version) <= 12):
+        raise NotFound(f"version {version[:16]!r} is not a version number (a positive integer)")
 
 
 def _summary(svc: ServiceState) -> dict[str, Any]:
@@ -81,6 +85,7 @@ async def load(
     default: bool = Query(True, description="Serve it by default; false = load it for versioned calls only."),
 ) -> dict[str, Any]:
     svc = authorized(request)
+    _check_version(version)
     previous = svc.registry.default.version
     start = time.perf_counter()
     try:
@@ -89,7 +94,8 @@ async def load(
         reason = str(exc).replace(f"{svc.settings.model_repository}/", "")
         log.warning("model version refused", extra={"version": version, "reason": reason})
         raise ModelRefused(f"version {version} refused, still serving version {previous}: {reason}") from exc
-    _publish(svc)
+    await core_of(request).calibrate(model)
+    svc.publish_models()
     seconds = time.perf_counter() - start
     log.info("model version swapped in" if default else "model version loaded",
              extra={"version": version, "previous": previous, "seconds": round(seconds, 3)})  # fmt: skip
@@ -105,6 +111,7 @@ async def load(
 )
 async def unload(request: Request, name: str, version: str) -> dict[str, Any]:
     svc = authorized(request)
+    _check_version(version)
     await svc.registry.unload_version(version, name=name)
-    _publish(svc)
+    svc.publish_models()
     return {"unloaded": version, **_summary(svc)}

@@ -1,10 +1,20 @@
 """Dynamic micro-batching: concurrent requests become one vectorized ONNX Runtime call.
 
-One consumer task owns two FIFO deques (interactive single-image work first, then bulk chunks) and one
-inference thread. It waits for the first item without polling, takes everything queued up to
-``max_batch_size`` images (no idle delay: an item arriving at an idle service runs at once), runs the
-batch off the event loop, and fans results back out through each item's Future. Items whose caller has
-gone (cancelled Future) or whose deadline passed are dropped before compute.
+One consumer task owns two FIFO deques: interactive work (single images) and bulk chunks. It wakes on an event
+(new work or a finished engine call; it never polls), drops the items whose caller is gone or whose deadline has
+passed, and runs what is left as few engine calls as possible:
+
+- interactive work runs as one batch of up to ``max_batch_size`` images, one batch at a time, so later arrivals
+  join the next batch. When the engine is idle and the batch's measured cost is under ``inline_budget_s``, it
+  runs right here on the event loop (a thread hand-off costs more than a small batch); otherwise on the
+  interactive engine thread.
+- bulk chunks run on their own threads, up to ``bulk_parallel`` at once (every core) while no interactive work
+  waits or runs, one at a time otherwise, so a single image never queues behind a wall of bulk work. uint8
+  pixels are scaled to float32 on those threads, not on the event loop.
+
+Deadlines are absolute (``loop.time()``); they are checked when a batch forms, and one timer, armed for the
+earliest deadline queued, answers 504 to callers whose deadline passes while they wait. Results reach callers
+through their Future as ``(probabilities, queue_s, inference_s, batch_images)``.
 """
 
 from __future__ import annotations
@@ -15,53 +25,56 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, Draining, EngineError, Overloaded, ServiceError
-from service.metrics import Metrics
-from service.model import Model
+from service.errors import ClientDisconnected, DeadlineExceeded, Draining, EngineError, Overloaded
+
+if TYPE_CHECKING:
+    from service.metrics import Metrics
+    from service.model import Model
 
 log = logging.getLogger("service.batcher")
 
-#: Called in the inference thread after each successful batch with (model, inputs, probabilities).
-BatchObserver = Callable[[Model, np.ndarray, np.ndarray], None]
-#: An ASGI ``receive``: once the body is read, it returns ``http.disconnect`` when the client goes away.
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+#: Called after each successful batch with (model, inputs float32 (N, F), probabilities, per-item row counts).
+BatchObserver = Callable[["Model", np.ndarray, np.ndarray, Sequence[int]], None]
+#: What a caller gets: its rows of the output, seconds queued, seconds of the engine call, images in that call.
+Result = tuple[np.ndarray, float, float, int]
 
 
-class ClientDisconnected(ServiceError):
-    """The caller went away while queued; its item was dropped unrun (nobody reads this response)."""
-
-    status_code = 499
-    code = "client_disconnected"
-
-
-@dataclass(slots=True)
-class BatchResult:
-    """What one caller gets back: its rows of the output and where the time went."""
-
-    probabilities: np.ndarray
-    model: Model
-    queue_s: float
-    inference_s: float
-    batch_images: int
-
-
-@dataclass(slots=True, eq=False)
 class _Item:
-    images: np.ndarray
-    model: Model
-    future: asyncio.Future[BatchResult]
-    enqueued: float
-    bulk: bool
-    timer: asyncio.TimerHandle | None = field(default=None)
-    #: uvicorn's per-request cycle (has ``.disconnected``): polled when the batch forms, no task per request.
-    conn: Any = field(default=None)
+    __slots__ = ("deadline", "enqueued", "future", "gone", "images", "model", "n", "why")
+
+    def __init__(self, images: np.ndarray, model: Model, future: asyncio.Future[Result], enqueued: float,
+                 deadline: float, why: str, gone: Callable[[], bool] | None) -> None:  # fmt: skip
+        self.images, self.model, self.future, self.n = images, model, future, images.shape[0]
+        self.enqueued, self.deadline, self.why, self.gone = enqueued, deadline, why, gone
+
+
+def scale_of(model: Model) -> np.float32:
+    scale = getattr(model, "scale", None)
+    if scale is None:
+        scale = float(model.metadata["preprocessing"].get("scale", 1 / 255))
+    return np.float32(scale)
+
+
+def to_float(items: Sequence[_Item]) -> np.ndarray:
+    """One float32 (N, F) array for the engine; uint8 pixels are scaled by the model's preprocessing."""
+    first = items[0]
+    if len(items) == 1 and first.images.dtype == np.float32:
+        return first.images
+    out = np.empty((sum(it.n for it in items), first.images.shape[1]), dtype=np.float32)
+    row = 0
+    for it in items:
+        if it.images.dtype == np.uint8:
+            np.multiply(it.images, scale_of(it.model), out=out[row : row + it.n], casting="unsafe")
+        else:
+            out[row : row + it.n] = it.images
+        row += it.n
+    return out
 
 
 class Batcher:
@@ -71,33 +84,37 @@ class Batcher:
         max_batch_size: int,
         max_wait_s: float,
         max_queue_images: int,
-        request_timeout_s: float,
         metrics: Metrics,
         observer: BatchObserver | None = None,
-        bulk_chunk_images: int | None = None,
+        bulk_chunk_images: int = 1024,
         max_bulk_queue_images: int | None = None,
-        pipeline_depth: int = 2,
+        bulk_parallel: int = 2,
+        inline_budget_s: float = 100e-6,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self.max_queue_images = max_queue_images
-        self.request_timeout_s = request_timeout_s
-        self.bulk_chunk_images = bulk_chunk_images or max_batch_size
+        self.bulk_chunk_images = bulk_chunk_images
+        self.bulk_parallel = max(1, bulk_parallel)
+        self.inline_budget_s = inline_budget_s
         self._limits = (max_queue_images, max_bulk_queue_images or max_queue_images)
-        self.pipeline_depth = pipeline_depth
         self._metrics = metrics
         self._observer = observer
         self._queues: tuple[deque[_Item], deque[_Item]] = (deque(), deque())  # interactive, bulk
         self._queued = [0, 0]
+        self._running = [0, 0]  # engine calls in flight: interactive (0 or 1), bulk
+        self._pools = (
+            ThreadPoolExecutor(1, thread_name_prefix="engine"),
+            ThreadPoolExecutor(self.bulk_parallel, thread_name_prefix="engine-bulk"),
+        )
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
-        self._inflight = 0  # engine calls submitted and not finished (at most pipeline_depth)
-        self._slot = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
         self._accepting = True
-        # Measured engine cost (exponentially weighted), for Retry-After and deadline-aware admission.
-        self._sec_per_image = 2e-5
-        self._last_batch_s = 0.0
+        # Measured engine cost: seconds per call by power-of-two batch size, per model (warm-up fills it).
+        self._costs: dict[int, dict[int, float]] = {}
+        self._sec_per_image = 2e-5  # for Retry-After and deadline admission (exponentially weighted)
+        self.inline_max_s = 0.0  # the longest batch run on the event loop so far (the loop's worst stall)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -108,9 +125,9 @@ class Batcher:
         """Refuse new work, let queued and running batches finish. True if all finished in time."""
         self._accepting = False
         deadline = time.monotonic() + timeout_s
-        while (self._queued[0] or self._queued[1] or self._inflight) and time.monotonic() < deadline:  # noqa: ASYNC110 (once, at shutdown)
+        while self.busy and time.monotonic() < deadline:  # noqa: ASYNC110 (once, at shutdown)
             await asyncio.sleep(0.01)
-        return not (self._queued[0] or self._queued[1] or self._inflight)
+        return not self.busy
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -118,22 +135,79 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._timer is not None:
+            self._timer.cancel()
         for q in self._queues:
             while q:
-                item = q.popleft()
-                if not item.future.done():
-                    item.future.set_exception(Draining())
-        self._executor.shutdown(wait=True)
+                self._resolve_error(q.popleft(), Draining())
+        for pool in self._pools:
+            pool.shutdown(wait=True)
 
-    # ----------------------------------------------------------------- admission
     @property
-    def queued_images(self) -> int:
-        return self._queued[0] + self._queued[1]
+    def busy(self) -> bool:
+        return bool(self._queued[0] or self._queued[1] or self._running[0] or self._running[1])
+
+    # ----------------------------------------------------------------- engine cost
+    def calibrate(self, model: Model, sizes: Sequence[int], rounds: int = 5) -> dict[int, float]:
+        """Time the engine at each batch size (median of ``rounds``); run in a thread at warm-up."""
+        x = np.zeros((max(sizes), model.n_features), dtype=np.float32)
+        table: dict[int, float] = {}
+        for n in sizes:
+            times = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                model.run(x[:n])
+                times.append(time.perf_counter() - t0)
+            table[n] = sorted(times)[rounds // 2]
+        self._costs[id(model)] = table
+        return table
+
+    def _cost(self, model: Model, n: int) -> float | None:
+        table = self._costs.get(id(model))
+        if not table:
+            return None
+        size = next((s for s in sorted(table) if s >= n), None)
+        return table[size] if size is not None else None
 
     def estimate_wait_s(self, images: int, *, bulk: bool) -> float:
-        """Expected time until ``images`` more images would be done, from the measured batch cost."""
+        """Expected time until ``images`` more images would be done, from the measured engine cost."""
         ahead = self._queued[0] + (self._queued[1] if bulk else 0) + images
-        return ahead * self._sec_per_image + self._inflight * self._last_batch_s
+        running = self._running[0] * self.max_batch_size + self._running[1] * self.bulk_chunk_images
+        return (ahead + running) * self._sec_per_image
+
+    # ----------------------------------------------------------------- submit
+    async def submit(self, model: Model, images: np.ndarray, *, bulk: bool, deadline: float, why: str,
+                     budget_s: float | None = None, gone: Callable[[], bool] | None = None) -> Result:  # fmt: skip
+        """Queue ``images`` ((n, F) float32 in [0, 1] or uint8 0-255) and wait for their outputs.
+
+        ``deadline`` is absolute (``loop.time()``), ``why`` names it in a 504. With ``budget_s`` (the caller
+        stated a deadline), work the queue cannot finish in time is refused at once. ``gone()`` returning True
+        (the caller hung up) drops the work before compute. Bulk work runs in chunks of ``bulk_chunk_images``.
+        """
+        n = images.shape[0]
+        self._admit(n, bulk, budget_s)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        step = self.bulk_chunk_images if bulk else n
+        items = [
+            self._enqueue(loop, model, images[i : i + step], bulk, now, deadline, why, gone) for i in range(0, n, step)
+        ]
+        self._wakeup.set()
+        if deadline < self._timer_at:
+            self._arm(loop, deadline)
+        try:
+            if len(items) == 1:
+                return await items[0].future
+            results = [await it.future for it in items]
+        except asyncio.CancelledError:  # the caller's task was cancelled (an RPC cancelled, a client gone)
+            self._metrics.dropped["cancelled"].inc()
+            raise
+        finally:
+            for it in items:  # one chunk failed or the caller was cancelled: the rest is not wanted
+                if not it.future.done():
+                    it.future.cancel()
+        probs = np.concatenate([r[0] for r in results])
+        return probs, max(r[1] for r in results), sum(r[2] for r in results), max(r[3] for r in results)
 
     def _admit(self, n: int, bulk: bool, budget_s: float | None) -> None:
         if not self._accepting:
@@ -142,235 +216,202 @@ class Batcher:
         q = 1 if bulk else 0
         if self._queued[q] + n > self._limits[q]:
             self._metrics.dropped["queue_full"].inc()
+            raise Overloaded(f"the queue is full ({self._queued[q]} images waiting); retry later",
+                             retry_after_s=self.estimate_wait_s(0, bulk=bulk), code="queue_full")  # fmt: skip
+        if budget_s is not None and (wait := self.estimate_wait_s(n, bulk=bulk)) > budget_s:
+            self._metrics.dropped["deadline_unmeetable"].inc()
             raise Overloaded(
-                f"the queue is full ({self._queued[q]} images waiting); retry later",
-                retry_after_s=self.estimate_wait_s(0, bulk=bulk),
-                code="queue_full",
+                f"cannot finish within the stated deadline ({budget_s * 1000:.0f} ms): "
+                f"about {wait * 1000:.0f} ms of work is queued",
+                retry_after_s=wait,
+                code="deadline_unmeetable",
             )
-        if budget_s is not None:
-            wait = self.estimate_wait_s(n, bulk=bulk)
-            if wait > budget_s:
-                self._metrics.dropped["deadline_unmeetable"].inc()
-                raise Overloaded(
-                    f"cannot finish within the stated deadline ({budget_s * 1000:.0f} ms): "
-                    f"about {wait * 1000:.0f} ms of work is queued",
-                    retry_after_s=wait,
-                    code="deadline_unmeetable",
-                )
 
-    # ----------------------------------------------------------------- submit
-    async def submit(
-        self,
-        model: Model,
-        images: np.ndarray,
-        *,
-        bulk: bool = False,
-        budget_s: float | None = None,
-        receive: Receive | None = None,
-    ) -> BatchResult:
-        """Queue ``images`` (float32, (n, features)) as one item and wait for their outputs.
-
-        With ``receive``, a client that disconnects while its item waits has the item dropped unrun: under
-        uvicorn, by reading its connection state when the batch forms; elsewhere, by a task on ``receive``.
-        """
-        self._admit(images.shape[0], bulk, budget_s)
-        return await self._wait(self._enqueue(model, images, bulk, budget_s, receive))
-
-    async def submit_many(
-        self, model: Model, images: np.ndarray, *, budget_s: float | None = None, receive: Receive | None = None
-    ) -> tuple[np.ndarray, float, float]:
-        """Bulk work: split into ``bulk_chunk_images`` chunks, queued behind interactive work.
-
-        Returns (probabilities, longest queue seconds, total inference seconds).
-        """
-        self._admit(images.shape[0], True, budget_s)
-        step = self.bulk_chunk_images
-        items = [
-            self._enqueue(model, images[i : i + step], True, budget_s, receive) for i in range(0, images.shape[0], step)
-        ]
-        try:
-            results = [await self._wait(it) for it in items]
-        except BaseException:
-            for it in items:
-                if not it.future.done():
-                    it.future.cancel()
-            raise
-        probs = results[0].probabilities if len(results) == 1 else np.concatenate([r.probabilities for r in results])
-        return probs, max(r.queue_s for r in results), sum(r.inference_s for r in results)
-
-    def _enqueue(
-        self, model: Model, images: np.ndarray, bulk: bool, budget_s: float | None, receive: Receive | None
-    ) -> _Item:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[BatchResult] = loop.create_future()
-        item = _Item(images, model, fut, time.perf_counter(), bulk)
-        timeout = self.request_timeout_s if budget_s is None else min(budget_s, self.request_timeout_s)
-        item.timer = loop.call_later(timeout, self._expire, item)
-        if receive is not None:
-            conn = getattr(receive, "__self__", None) or getattr(receive, "connection", None)
-            if conn is not None and isinstance(getattr(conn, "disconnected", None), bool):
-                item.conn = conn
-            else:
-                watcher = asyncio.ensure_future(receive())
-                watcher.add_done_callback(lambda w: _on_disconnect(w, fut))
-                fut.add_done_callback(lambda _: watcher.cancel())
+    def _enqueue(self, loop: asyncio.AbstractEventLoop, model: Model, images: np.ndarray, bulk: bool, now: float,
+                 deadline: float, why: str, gone: Callable[[], bool] | None) -> _Item:  # fmt: skip
+        item = _Item(images, model, loop.create_future(), now, deadline, why, gone)
         q = 1 if bulk else 0
-        n = images.shape[0]
         self._queues[q].append(item)
-        self._queued[q] += n
-        self._metrics.queue_depth[q].inc(n)
-        self._wakeup.set()
+        self._queued[q] += item.n
+        self._metrics.queue_depth[q].inc(item.n)
         return item
 
-    async def _wait(self, item: _Item) -> BatchResult:
-        try:
-            return await item.future
-        except asyncio.CancelledError:
-            if item.future.cancelled() and not _current_task_cancelling():
-                raise ClientDisconnected("the client disconnected while its request was queued") from None
-            raise
-        finally:
-            if item.timer is not None:
-                item.timer.cancel()
-            if item.future.cancelled():  # the caller went away; the consumer drops the item unseen
-                self._metrics.dropped["cancelled"].inc()
+    # ----------------------------------------------------------------- deadlines: one timer
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = loop.call_at(at, self._sweep)
 
-    def _expire(self, item: _Item) -> None:
-        if not item.future.done():
+    def _sweep(self) -> None:
+        """Answer 504 to every queued caller whose deadline has passed; re-arm for the earliest left."""
+        self._timer, self._timer_at = None, float("inf")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        earliest = float("inf")
+        for qi, q in enumerate(self._queues):
+            if not q:
+                continue
+            keep: deque[_Item] = deque()
+            for it in q:
+                if it.future.done() or it.deadline <= now:
+                    self._dequeued(qi, it)
+                    self._expire(it)
+                else:
+                    keep.append(it)
+                    earliest = min(earliest, it.deadline)
+            q.clear()
+            q.extend(keep)
+        if earliest < float("inf"):
+            self._arm(loop, earliest)
+
+    def _expire(self, it: _Item) -> None:
+        if not it.future.done():
             self._metrics.dropped["timeout"].inc()
-            item.future.set_exception(
-                DeadlineExceeded(f"the request waited longer than its deadline ({self.request_timeout_s:g} s)")
-            )
+            it.future.set_exception(DeadlineExceeded(f"the request waited longer than {it.why}"))
+
+    def _dequeued(self, qi: int, it: _Item) -> None:
+        self._queued[qi] -= it.n
+        self._metrics.queue_depth[qi].dec(it.n)
 
     # ----------------------------------------------------------------- consumer
-    def _take(self) -> list[_Item]:
-        """Pop up to max_batch_size images of one model (a bigger bulk chunk goes alone); drop the items
-        whose caller is gone (cancelled, disconnected or expired) before compute."""
+    def _take(self, qi: int, limit: int, now: float) -> list[_Item]:
+        """Pop up to ``limit`` images of one model (a bigger item goes alone); callers that are gone or past
+        their deadline are answered and dropped before compute."""
+        q = self._queues[qi]
         batch: list[_Item] = []
         size = 0
-        model: Model | None = None
-        for qi, q in enumerate(self._queues):
-            while q:
-                item = q[0]
-                n = item.images.shape[0]
-                gone = item.conn is not None and item.conn.disconnected
-                if gone or item.future.done():
-                    q.popleft()
-                    self._queued[qi] -= n
-                    self._metrics.queue_depth[qi].dec(n)
-                    if gone and not item.future.done():
-                        item.future.cancel()
-                    continue
-                if (model is not None and item.model is not model) or (batch and size + n > self.max_batch_size):
-                    return batch
+        while q:
+            it = q[0]
+            if it.future.done() or it.deadline <= now or (it.gone is not None and it.gone()):
                 q.popleft()
-                self._queued[qi] -= n
-                self._metrics.queue_depth[qi].dec(n)
-                model = item.model
-                batch.append(item)
-                size += n
+                self._dequeued(qi, it)
+                if it.deadline <= now:
+                    self._expire(it)
+                elif not it.future.done():
+                    self._metrics.dropped["cancelled"].inc()
+                    it.future.set_exception(ClientDisconnected("the client went away while its request waited"))
+                continue
+            if batch and (it.model is not batch[0].model or size + it.n > limit):
+                break
+            q.popleft()
+            self._dequeued(qi, it)
+            batch.append(it)
+            size += it.n
         return batch
 
     async def _run(self) -> None:
-        """Form batches and hand them to the inference thread; bulk chunks are handed over up to
-        ``pipeline_depth`` ahead, so the thread never waits for the event loop between two chunks."""
         loop = asyncio.get_running_loop()
         while True:
-            if not (self._queued[0] or self._queued[1]):
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            # Only bulk work is handed over ahead: interactive items wait here for a free engine, where a
-            # caller that hangs up can still be dropped and later arrivals can still join their batch.
-            if self._inflight >= self.pipeline_depth or (self._inflight and self._queued[0]):
-                self._slot.clear()
-                await self._slot.wait()
-                continue
-            if self.max_wait_s > 0 and self.queued_images < self.max_batch_size:
-                await asyncio.sleep(self.max_wait_s)
-            batch = self._take()
-            if not batch:
-                continue
+            self._wakeup.clear()
             try:
-                self._launch(loop, batch)
-            except Exception as exc:  # the loop survives everything
-                self._fail(batch, exc)
+                await self._dispatch(loop)
+            except Exception:  # the loop survives everything; _launch fails only the batch concerned
+                log.exception("batcher dispatch failed")
+            await self._wakeup.wait()
 
-    def _launch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
-        model = batch[0].model
-        x = batch[0].images if len(batch) == 1 else np.concatenate([it.images for it in batch])
+    async def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._queued[0] and not self._running[0]:
+            if self.max_wait_s > 0 and self._queued[0] < self.max_batch_size:
+                await asyncio.sleep(self.max_wait_s)
+            batch = self._take(0, self.max_batch_size, loop.time())
+            if batch:
+                n = sum(it.n for it in batch)
+                cost = self._cost(batch[0].model, n)
+                if not self._running[1] and cost is not None and cost <= self.inline_budget_s:
+                    self._inline(loop, batch)
+                else:
+                    self._launch(loop, 0, batch)
+        interactive = bool(self._queued[0] or self._running[0])
+        while self._queued[1] and self._running[1] < (1 if interactive else self.bulk_parallel):
+            batch = self._take(1, self.bulk_chunk_images, loop.time())
+            if not batch:
+                break
+            self._launch(loop, 1, batch)
+
+    def _inline(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        started = loop.time()
         start = time.perf_counter()
-        done = asyncio.wrap_future(self._executor.submit(self._infer, model, x, batch), loop=loop)
-        self._inflight += 1
-        done.add_done_callback(lambda f: self._finish(loop, batch, x, start, f))
+        try:
+            x = to_float(batch)
+            probs = batch[0].model.run(x)
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        seconds = time.perf_counter() - start
+        self.inline_max_s = max(self.inline_max_s, seconds)
+        self._metrics.inline_batches.inc()
+        self._deliver(batch, x, probs, started, seconds)
+        self._observe(batch, x, probs)
 
-    def _finish(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        batch: list[_Item],
-        x: np.ndarray,
-        start: float,
-        done: asyncio.Future[tuple[np.ndarray | None, float]],
-    ) -> None:
-        self._inflight -= 1
-        self._slot.set()
+    def _launch(self, loop: asyncio.AbstractEventLoop, qi: int, batch: list[_Item]) -> None:
+        start = loop.time()
+        self._running[qi] += 1
+        fut = asyncio.wrap_future(self._pools[qi].submit(self._compute, batch), loop=loop)
+        fut.add_done_callback(lambda f: self._finish(qi, batch, start, f))
+
+    def _compute(self, batch: list[_Item]) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """In an engine thread: skip the work if every caller has hung up since the hand-over."""
+        if all(it.future.done() or (it.gone is not None and it.gone()) for it in batch):
+            return None
+        x = to_float(batch)
+        t0 = time.perf_counter()
+        probs = batch[0].model.run(x)
+        return x, probs, time.perf_counter() - t0
+
+    def _finish(self, qi: int, batch: list[_Item], start: float, done: asyncio.Future[
+        tuple[np.ndarray, np.ndarray, float] | None
+    ]) -> None:  # fmt: skip
+        self._running[qi] -= 1
+        self._wakeup.set()
         exc = done.exception()
         if exc is not None:
             self._fail(batch, exc)
             return
-        probs, seconds = done.result()
-        if probs is None:
+        out = done.result()
+        if out is None:
             for it in batch:
                 if not it.future.done():
-                    it.future.cancel()
+                    self._metrics.dropped["cancelled"].inc()
+                    it.future.set_exception(ClientDisconnected("the client went away while its request waited"))
             return
-        model, n = batch[0].model, x.shape[0]
+        x, probs, seconds = out
+        self._deliver(batch, x, probs, start, seconds)
+        if self._observer is not None:  # quality statistics: after the callers have their results
+            self._pools[qi].submit(self._observe, batch, x, probs)
+
+    def _deliver(self, batch: list[_Item], x: np.ndarray, probs: np.ndarray, started: float, seconds: float) -> None:
+        """Hand each caller its rows. ``started``: when the batch left the queue (``loop.time()``)."""
+        n = x.shape[0]
         self._sec_per_image += 0.1 * (seconds / n - self._sec_per_image)
-        self._last_batch_s = seconds
-        self._metrics.observe_batch(model, n, seconds, [start - it.enqueued for it in batch])
+        waits = []
         row = 0
         for it in batch:
-            k = it.images.shape[0]
+            queue_s = started - it.enqueued
+            waits.append(queue_s)
             if not it.future.done():
-                it.future.set_result(BatchResult(probs[row : row + k], model, start - it.enqueued, seconds, n))
-            row += k
-        if self._observer is not None:  # quality statistics: after the callers have their results
-            loop.run_in_executor(self._executor, self._observe, model, x, probs)
+                it.future.set_result((probs[row : row + it.n], queue_s, seconds, n))
+            row += it.n
+        self._metrics.observe_batch(batch[0].model, n, seconds, waits)
+
+    def _observe(self, batch: list[_Item], x: np.ndarray, probs: np.ndarray) -> None:
+        if self._observer is None:
+            return
+        try:
+            self._observer(batch[0].model, x, probs, [it.n for it in batch])
+        except Exception:
+            log.exception("batch observer failed")
 
     def _fail(self, batch: list[_Item], exc: BaseException) -> None:
         """An error in one batch fails only that batch's callers, with a generic message; logged once."""
         error_id = uuid.uuid4().hex[:12]
-        log.error(
-            "inference failed for a batch",
-            extra={"error_id": error_id, "batch_images": sum(i.images.shape[0] for i in batch)},
-            exc_info=exc,
-        )
+        log.error("inference failed for a batch",
+                  extra={"error_id": error_id, "batch_images": sum(it.n for it in batch)}, exc_info=exc)  # fmt: skip
         self._metrics.dropped["engine_error"].inc(len(batch))
         for it in batch:
-            if not it.future.done():
-                it.future.set_exception(EngineError(error_id))
+            self._resolve_error(it, EngineError(error_id))
 
-    def _infer(self, model: Model, x: np.ndarray, batch: list[_Item]) -> tuple[np.ndarray | None, float]:
-        if all(it.conn is not None and it.conn.disconnected for it in batch):
-            return None, 0.0  # handed over ahead, and every caller has hung up since: skip the compute
-        t0 = time.perf_counter()
-        probs = model.run(x)
-        return probs, time.perf_counter() - t0
-
-    def _observe(self, model: Model, x: np.ndarray, probs: np.ndarray) -> None:
-        assert self._observer is not None
-        try:
-            self._observer(model, x, probs)
-        except Exception:
-            log.exception("batch observer failed")
-
-
-def _current_task_cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-def _on_disconnect(watcher: asyncio.Future[MutableMapping[str, Any]], fut: asyncio.Future[BatchResult]) -> None:
-    if watcher.cancelled() or watcher.exception() is not None:
-        return
-    if watcher.result().get("type") == "http.disconnect" and not fut.done():
-        fut.cancel()
+    @staticmethod
+    def _resolve_error(it: _Item, exc: Exception) -> None:
+        if not it.future.done():
+            it.future.set_exception(exc)

@@ -1,21 +1,27 @@
-"""Decoders: request bodies -> float32 (N, features) in [0, 1], validated at the edge.
+"""Decoders: request bodies -> (N, features) pixels, validated at the edge, one table keyed by media type.
 
-ONNX Runtime accepts some wrong shapes silently, so it is never the validator: every decoder checks
-shape, dtype, count, finiteness and range here and raises an ``InvalidInput`` naming what was wrong.
+A decoder returns uint8 (0-255, scaled by the engine thread) or float32 in [0, 1]. ONNX Runtime accepts some
+wrong shapes silently, so it is never the validator: every decoder checks shape, type, count, finiteness and
+range here and raises an error naming what was wrong. JSON is decoded by typed msgspec decoders whose length
+limits stop a hostile body while it is being read (a million empty images are refused at image 4,097, not
+built first), and which refuse strings, booleans and objects where pixels belong.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import re
-import warnings
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
 
+import msgspec
 import numpy as np
-import orjson
-from PIL import Image
+from python_multipart.multipart import MultipartParser, parse_options_header
 
-from service.errors import InvalidInput, MalformedBody, PayloadTooLarge, UnsupportedMediaType
+from service.errors import InvalidInput, MalformedBody, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.png import png_pixels
 
 JSON = "application/json"
 PNG = "image/png"
@@ -24,117 +30,158 @@ RAW = "application/octet-stream"
 MULTIPART = "multipart/form-data"
 
 
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What one request may hold: the model's image geometry and the service's limits."""
+
+    features: int
+    rows: int
+    cols: int
+    max_images: int
+    max_png_pixels: int
+
+
+#: (body, media-type header, shape) -> pixels. ``single`` decoders return exactly one image.
+Decoder = Callable[[bytes, str, Shape], np.ndarray]
+
+
 def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def parse_json(body: bytes) -> Any:
+def unsupported(ct: str, allowed: tuple[str, ...]) -> UnsupportedMediaType:
+    return UnsupportedMediaType(
+        f"content type {ct or '(none)'!r} is not supported here; use one of {', '.join(allowed)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- JSON
+@functools.cache
+def _json_decoders(features: int, rows: int, cols: int, max_images: int) -> tuple[msgspec.json.Decoder[Any], ...]:
+    row = Annotated[list[float], msgspec.Meta(max_length=cols)]
+    image = Annotated[list[float | row], msgspec.Meta(min_length=1, max_length=max(features, rows))]
+    one = msgspec.defstruct("PredictBody", [("image", image)])
+    many = msgspec.defstruct("BatchBody", [("images", Annotated[list[image], msgspec.Meta(max_length=max_images)])])
+    return msgspec.json.Decoder(one), msgspec.json.Decoder(many)
+
+
+def _typed(decoder: msgspec.json.Decoder[Any], body: bytes, field: str, max_images: int) -> Any:
     if not body:
         raise MalformedBody("the request body is empty; send JSON")
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedBody(f"malformed JSON: {exc}", code="malformed_json") from exc
+        return getattr(decoder.decode(body), field)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if (
+            text.startswith("Object missing required field")
+            or text == "Expected `object`, got `array`"
+            or (text.startswith("Expected `object`") and " - at " not in text)
+        ):
+            raise InvalidInput(
+                f'the JSON body must be an object with an "{field}" field', code="missing_field"
+            ) from None
+        if text.endswith(f"- at `$.{field}`") and "length <=" in text:
+            raise PayloadTooLarge(f"too many images in one request; the limit is {max_images}") from None
+        shape_error = "length" in text or "got `float`" in text or "got `int`" in text
+        code = "invalid_shape" if shape_error else "invalid_type"
+        raise InvalidInput(f"invalid {field}: {text}", code=code) from None
+    except msgspec.DecodeError as exc:
+        raise MalformedBody(f"malformed JSON: {exc}", code="malformed_json") from None
 
 
-def _check_range(x: np.ndarray, what: str) -> np.ndarray:
+def _json_image(image: list[Any], shape: Shape, what: str) -> np.ndarray:
+    """A flat list of ``features`` numbers or ``rows`` lists of ``cols`` -> (features,) float32."""
+    try:
+        if isinstance(image[0], float):
+            arr = np.fromiter(image, dtype=np.float32, count=len(image))
+        else:
+            arr = np.array(image, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{what} mixes numbers and rows, or has rows of different lengths",
+                           code="invalid_shape") from None  # fmt: skip
+    if arr.shape not in ((shape.features,), (shape.rows, shape.cols)):
+        want = f"{shape.features} numbers or {shape.rows}x{shape.cols} nested lists"
+        raise InvalidInput(f"{what} has shape {list(arr.shape)}; each image must be {want}", code="invalid_shape")
+    return arr.reshape(shape.features)
+
+
+def check_range(x: np.ndarray, what: str) -> np.ndarray:
     if x.size and x.min() >= 0.0 and x.max() <= 1.0:  # NaN fails both comparisons: one fast path for all
         return x
     if not np.isfinite(x).all():
         raise InvalidInput(f"{what} contains NaN or infinity", code="not_finite")
     if x.size:
-        raise InvalidInput(
-            f"{what} has values outside [0, 1] (min {x.min():g}, max {x.max():g}); scale 0-255 pixels by 1/255",
-            code="out_of_range",
-        )
+        raise InvalidInput(f"{what} has values outside [0, 1] (min {x.min():g}, max {x.max():g}); "
+                           "scale 0-255 pixels by 1/255", code="out_of_range")  # fmt: skip
     return x
 
 
-def _numeric_array(value: Any, what: str) -> np.ndarray:
-    try:
-        arr = np.asarray(value)
-    except (ValueError, TypeError) as exc:  # ragged nesting
-        raise InvalidInput(f"{what} is not a regular array of numbers: {exc}", code="invalid_shape") from exc
-    if arr.dtype.kind not in "iuf":
-        raise InvalidInput(f"{what} must contain only numbers (got {arr.dtype.kind!r} data)", code="invalid_type")
-    return arr
-
-
-def _image_rows(arr: np.ndarray, features: int, image_shape: tuple[int, int], what: str, batch: bool) -> np.ndarray:
-    """Accept (features,) / (h, w) per image; returns (N, features)."""
-    per_image = arr.shape[1:] if batch else arr.shape
-    if per_image not in ((features,), image_shape):
-        want = f"{features} numbers or {image_shape[0]}x{image_shape[1]} nested lists"
-        raise InvalidInput(f"{what} has shape {list(arr.shape)}; each image must be {want}", code="invalid_shape")
-    return arr.reshape(-1, features)
-
-
-def json_image(doc: Any, features: int, image_shape: tuple[int, int]) -> np.ndarray:
-    """``{"image": [...]}`` -> (1, features) float32."""
-    if not isinstance(doc, dict) or "image" not in doc:
-        raise InvalidInput('the JSON body must be an object with an "image" field', code="missing_field")
-    arr = _numeric_array(doc["image"], '"image"')
-    rows = _image_rows(arr, features, image_shape, '"image"', batch=False).astype(np.float32)
-    return _check_range(rows, '"image"')
-
-
-def json_images(doc: Any, features: int, image_shape: tuple[int, int], max_images: int) -> np.ndarray:
-    """``{"images": [[...], ...]}`` -> (N, features) float32."""
-    if not isinstance(doc, dict) or "images" not in doc:
-        raise InvalidInput('the JSON body must be an object with an "images" field', code="missing_field")
-    images = doc["images"]
-    if not isinstance(images, list):
-        raise InvalidInput('"images" must be a list of images', code="invalid_type")
-    _check_count(len(images), max_images)
-    try:
-        arr = np.asarray(images)
-    except (ValueError, TypeError):  # ragged: flat and nested images mixed (both allowed), or a bad image
-        rows = np.concatenate([_json_image_rows(img, i, features, image_shape) for i, img in enumerate(images)])
-    else:
-        if arr.dtype.kind not in "iuf":
-            raise InvalidInput(f'"images" must contain only numbers (got {arr.dtype.kind!r} data)', code="invalid_type")
-        if arr.ndim < 2:
-            raise InvalidInput('"images" must be a list of images, each a list of numbers', code="invalid_shape")
-        rows = _image_rows(arr, features, image_shape, '"images"', batch=True)
-    return _check_range(rows.astype(np.float32), '"images"')
-
-
-def _json_image_rows(image: Any, i: int, features: int, image_shape: tuple[int, int]) -> np.ndarray:
-    what = f'"images"[{i}]'
-    return _image_rows(_numeric_array(image, what), features, image_shape, what, batch=False)
-
-
-def _check_count(n: int, max_images: int) -> None:
+def check_count(n: int, max_images: int) -> None:
     if n == 0:
         raise InvalidInput("the batch is empty; send at least one image", code="empty_batch")
     if n > max_images:
         raise PayloadTooLarge(f"{n} images in one request; the limit is {max_images}")
 
 
-def png_image(body: bytes, features: int, image_shape: tuple[int, int], max_pixels: int, scale: float) -> np.ndarray:
-    """A PNG (any bit depth/colour mode, converted to 8-bit grayscale, 0 = background) -> (1, features)."""
-    if not body.startswith(b"\x89PNG\r\n\x1a\n"):
-        raise MalformedBody("the body is not a PNG image", code="malformed_png")
+def json_one(body: bytes, _ct: str, shape: Shape) -> np.ndarray:
+    """``{"image": [...]}`` -> (1, features) float32."""
+    one, _ = _json_decoders(shape.features, shape.rows, shape.cols, shape.max_images)
+    image = _typed(one, body, "image", shape.max_images)
+    return check_range(_json_image(image, shape, '"image"').reshape(1, -1), '"image"')
+
+
+def json_many(body: bytes, _ct: str, shape: Shape) -> np.ndarray:
+    """``{"images": [[...], ...]}`` -> (N, features) float32."""
+    _, many = _json_decoders(shape.features, shape.rows, shape.cols, shape.max_images)
+    images = _typed(many, body, "images", shape.max_images)
+    check_count(len(images), shape.max_images)
+    out = np.empty((len(images), shape.features), dtype=np.float32)
+    for i, image in enumerate(images):
+        out[i] = _json_image(image, shape, f'"images"[{i}]')
+    return check_range(out, '"images"')
+
+
+# ---------------------------------------------------------------------------------------------- binary
+def png_one(body: bytes, _ct: str, shape: Shape) -> np.ndarray:
+    return png_pixels(body, (shape.rows, shape.cols), shape.max_png_pixels).reshape(1, shape.features)
+
+
+def multipart_one(body: bytes, ct: str, shape: Shape) -> np.ndarray:
+    """A ``multipart/form-data`` upload whose ``file`` part is a PNG."""
+    return png_one(multipart_file(body, ct), PNG, shape)
+
+
+def multipart_file(body: bytes, content_type: str, field: str = "file") -> bytes:
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise MalformedBody("the multipart body has no boundary", code="malformed_multipart")
+    parts: list[tuple[bytes, list[bytes]]] = []
+    header: list[bytes] = []
+    callbacks = {
+        "on_part_begin": lambda: parts.append((b"", [])),
+        "on_header_field": lambda d, s, e: header.append(d[s:e].lower()),
+        "on_header_value": lambda d, s, e: header.append(d[s:e]),
+        "on_header_end": lambda: _part_header(parts, header),
+        "on_part_data": lambda d, s, e: parts[-1][1].append(d[s:e]),
+    }
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(body), formats=["PNG"])
-            w, h = img.size
-            if w * h > max_pixels:
-                raise PayloadTooLarge(f"the PNG declares {w}x{h} pixels; the limit is {max_pixels}")
-            if (h, w) != image_shape:
-                raise InvalidInput(
-                    f"the PNG is {w}x{h}; it must be {image_shape[1]}x{image_shape[0]} pixels",
-                    code="invalid_shape",
-                )
-            gray = np.asarray(img.convert("L"), dtype=np.uint8)
-    except (InvalidInput, PayloadTooLarge):
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PayloadTooLarge(f"the PNG declares too many pixels; the limit is {max_pixels}") from exc
-    except Exception as exc:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError, ...)
-        raise MalformedBody(f"the PNG cannot be decoded: {type(exc).__name__}", code="malformed_png") from exc
-    return gray.reshape(1, features).astype(np.float32) * np.float32(scale)
+        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser.write(body)
+        parser.finalize()
+    except Exception as exc:  # python-multipart raises its own types for malformed bodies
+        raise MalformedBody(f"malformed multipart body: {exc}", code="malformed_multipart") from None
+    for name, chunks in parts:
+        if name == field.encode():
+            return b"".join(chunks)
+    raise InvalidInput(f'the multipart body needs a "{field}" part holding a PNG', code="missing_field")
+
+
+def _part_header(parts: list[tuple[bytes, list[bytes]]], header: list[bytes]) -> None:
+    if len(header) >= 2 and header[0] == b"content-disposition" and parts:
+        _, params = parse_options_header(b"".join(header[1:]))
+        parts[-1] = (params.get(b"name", b""), parts[-1][1])
+    header.clear()
 
 
 def _safe(exc: BaseException, limit: int = 200) -> str:
@@ -143,55 +190,60 @@ def _safe(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def npy_images(body: bytes, features: int, image_shape: tuple[int, int], max_images: int, scale: float) -> np.ndarray:
+def npy_many(body: bytes, _ct: str, shape: Shape) -> np.ndarray:
     """A NumPy .npy file, (N, h, w) or (N, features), uint8 (0-255) or float32 ([0, 1]). Never unpickles."""
     stream = io.BytesIO(body)
     try:
         version = np.lib.format.read_magic(stream)
         if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream, max_header_size=1024)
+            dims, fortran, dtype = np.lib.format.read_array_header_1_0(stream, max_header_size=1024)
         elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=1024)
+            dims, fortran, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=1024)
         else:
             raise ValueError(f"unsupported .npy version {version}")
     except Exception as exc:  # numpy's header parser raises ValueError, SyntaxError, tokenize.TokenError, ...
-        raise MalformedBody(f"malformed .npy: {_safe(exc)}", code="malformed_npy") from exc
+        raise MalformedBody(f"malformed .npy: {_safe(exc)}", code="malformed_npy") from None
     if dtype.hasobject or dtype not in (np.dtype(np.uint8), np.dtype("<f4")):
         raise InvalidInput(f".npy dtype must be uint8 or float32 (little-endian), got {dtype}", code="invalid_type")
-    if len(shape) not in (2, 3) or tuple(shape[1:]) not in ((features,), image_shape):
-        raise InvalidInput(
-            f".npy shape {list(shape)}; expected (N, {features}) or (N, {image_shape[0]}, {image_shape[1]})",
-            code="invalid_shape",
-        )
-    _check_count(shape[0], max_images)
+    if len(dims) not in (2, 3) or tuple(dims[1:]) not in ((shape.features,), (shape.rows, shape.cols)):
+        raise InvalidInput(f".npy shape {list(dims)}; expected (N, {shape.features}) or "
+                           f"(N, {shape.rows}, {shape.cols})", code="invalid_shape")  # fmt: skip
+    check_count(dims[0], shape.max_images)
     offset = stream.tell()
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = int(np.prod(dims)) * dtype.itemsize
     if len(body) - offset != expected:
-        raise MalformedBody(
-            f".npy data is {len(body) - offset} bytes; its header declares {expected}", code="malformed_npy"
-        )
+        raise MalformedBody(f".npy data is {len(body) - offset} bytes; its header declares {expected}",
+                            code="malformed_npy")  # fmt: skip
     arr = np.frombuffer(body, dtype=dtype, offset=offset)
     if fortran:
-        arr = arr.reshape(shape[::-1]).transpose()
-    arr = arr.reshape(-1, features)
-    if dtype == np.uint8:
-        out: np.ndarray = np.multiply(arr, np.float32(scale), dtype=np.float32)  # one pass: cast and scale
-        return out
-    return _check_range(np.ascontiguousarray(arr), ".npy data")
+        arr = np.ascontiguousarray(arr.reshape(dims[::-1]).transpose())
+    arr = arr.reshape(-1, shape.features)
+    return arr if dtype == np.uint8 else check_range(arr, ".npy data")
 
 
-def raw_images(body: bytes, features: int, max_images: int, scale: float) -> np.ndarray:
+def raw_many(body: bytes, _ct: str, shape: Shape) -> np.ndarray:
     """Raw uint8 bytes, N * features of them, row-major."""
-    if len(body) % features:
-        raise InvalidInput(
-            f"raw body is {len(body)} bytes, not a multiple of {features} (one uint8 per pixel)",
-            code="invalid_shape",
-        )
-    _check_count(len(body) // features, max_images)
-    return np.multiply(np.frombuffer(body, dtype=np.uint8).reshape(-1, features), np.float32(scale), dtype=np.float32)
+    if len(body) % shape.features:
+        raise InvalidInput(f"raw body is {len(body)} bytes, not a multiple of {shape.features} "
+                           "(one uint8 per pixel)", code="invalid_shape")  # fmt: skip
+    check_count(len(body) // shape.features, shape.max_images)
+    return np.frombuffer(body, dtype=np.uint8).reshape(-1, shape.features)
 
 
-def unsupported(ct: str, allowed: tuple[str, ...]) -> UnsupportedMediaType:
-    return UnsupportedMediaType(
-        f"content type {ct or '(none)'!r} is not supported here; use one of {', '.join(allowed)}"
-    )
+#: media type -> decoder, for one image (``/v1/predict``) and for many (``/v1/predict/batch``).
+SINGLE: dict[str, Decoder] = {JSON: json_one, PNG: png_one, MULTIPART: multipart_one}
+MANY: dict[str, Decoder] = {JSON: json_many, NPY: npy_many, RAW: raw_many}
+
+
+def decode(table: dict[str, Decoder], content_type: str | None, body: bytes, shape: Shape) -> np.ndarray:
+    """Pick the decoder for the request's media type and run it; 415 for a type the table lacks."""
+    ct = media_type(content_type)
+    decoder = table.get(ct)
+    if decoder is None:
+        raise unsupported(ct, tuple(table))
+    try:
+        return decoder(body, content_type or "", shape)
+    except ServiceError:
+        raise
+    except (ValueError, TypeError, OverflowError, MemoryError) as exc:  # never a 500 for a body we could not read
+        raise MalformedBody(f"the body cannot be decoded: {_safe(exc)}") from None

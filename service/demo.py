@@ -14,7 +14,6 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.app import state_of
 from service.errors import NotFound
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -56,7 +55,7 @@ def _safe_link(url: str) -> str:
 
 @router.get("/")
 async def index(request: Request) -> Response:
-    dashboard = html.escape(_safe_link(state_of(request).settings.dashboard_url), quote=True)
+    dashboard = html.escape(_safe_link(request.app.state.core.settings.dashboard_url), quote=True)
     page = _index_template().replace("{{dashboard_url}}", dashboard)
     return Response(page, media_type=_TYPES[".html"], headers=_HEADERS)
 

@@ -1,6 +1,23 @@
-"""One small error hierarchy: every error knows its HTTP status and a stable machine-readable code."""
+"""One small error hierarchy and the one place error bodies are built.
+
+Every error knows its HTTP status and a stable machine-readable code; transports turn it into their wire shape:
+``error_json`` for the service's own routes, ``oip_error_json`` for the Open Inference Protocol, and the gRPC
+front-end maps ``status_code`` to a gRPC status with the same message.
+"""
 
 from __future__ import annotations
+
+import orjson
+
+
+def error_json(code: str, message: str, request_id: str | None) -> bytes:
+    """``{"error": {"code", "message", "request_id"}}``: the body of every error of the service's own routes."""
+    return orjson.dumps({"error": {"code": code, "message": message, "request_id": request_id}})
+
+
+def oip_error_json(message: str) -> bytes:
+    """``{"error": "message"}``: the Open Inference Protocol's error body."""
+    return orjson.dumps({"error": message})
 
 
 class ServiceError(Exception):
@@ -49,6 +66,23 @@ class NotFound(ServiceError):
 class Unauthorized(ServiceError):
     status_code = 401
     code = "unauthorized"
+
+
+class TooManyRequests(ServiceError):
+    """A per-client rate limit was exceeded."""
+
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after_s + 0.499)))})
+
+
+class ClientDisconnected(ServiceError):
+    """The caller went away while its work waited; the work was dropped unrun (nobody reads this answer)."""
+
+    status_code = 499
+    code = "client_disconnected"
 
 
 class Overloaded(ServiceError):

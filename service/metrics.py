@@ -146,6 +146,16 @@ class Metrics:
             "mnist_images_processed", "Images run through the model.", ["model", "version"], registry=r
         )
         self.batches = Counter("mnist_batches", "Engine calls.", ["model", "version"], registry=r)
+        self.inline_batches = Counter(
+            "mnist_inline_batches", "Engine calls run on the event loop (measured cheaper than a thread hand-off).",
+            registry=r,
+        )  # fmt: skip
+        self.inline_max = Gauge(
+            "mnist_inline_batch_max_seconds", "Longest engine call run on the event loop: its worst stall.", registry=r
+        )
+        self.inference_requests = Counter(
+            "mnist_inference_requests", "Inference requests admitted, by transport.", ["transport"], registry=r
+        )
         dropped = Counter(
             "mnist_requests_dropped", "Requests refused, timed out or cancelled, by reason.", ["reason"], registry=r
         )

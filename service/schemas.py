@@ -1,7 +1,7 @@
 """Pydantic models for the OpenAPI document and the (cold) JSON endpoints.
 
-The hot paths parse with orjson and validate with NumPy (measured faster than pydantic for 784 floats);
-these models describe exactly what those paths accept, so /docs and schemathesis see the real contract.
+The hot paths decode with typed msgspec decoders and validate with NumPy (service/decode.py); these models
+describe exactly what those paths accept, so /docs and schemathesis see the real contract.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class Prediction(BaseModel):
     probabilities: list[float] = Field(description="Softmax output, one per class label.")
     model: str
     version: str
-    request_id: str
+    request_id: str = Field(description="The caller's X-Request-ID (echoed) or one made up: correlation only.")
+    prediction_id: str = Field(description="Issued by the server: what /v1/feedback refers to.")
 
 
 class BatchPrediction(BaseModel):
@@ -42,17 +43,18 @@ class BatchPrediction(BaseModel):
     model: str
     version: str
     request_id: str
+    prediction_id: str = Field(description="Issued by the server: what /v1/feedback refers to (with `index`).")
 
 
 class Feedback(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    request_id: str = Field(min_length=1, max_length=128, description="X-Request-ID of the earlier prediction.")
+    prediction_id: str = Field(min_length=1, max_length=64, description="`prediction_id` of the earlier reply.")
     label: int = Field(ge=0, le=9, description="The true label.")
     index: int = Field(0, ge=0, le=65535, description="Which image of a batch request (0 for single images).")
 
 
 class FeedbackResult(BaseModel):
-    request_id: str
+    prediction_id: str
     correct: bool
 
 

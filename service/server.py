@@ -12,8 +12,10 @@ A second signal forces the exit.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -21,15 +23,15 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
-from pydantic import ValidationError
 from starlette.types import ASGIApp
 
 from service import logs
-from service.app import ServiceState, create_app
+from service.app import create_app
 from service.errors import ModelLoadError
 from service.guards import HttpLimits, InflightLimit, guarded_protocol
 from service.registry import ModelRegistry
-from service.settings import Settings, settings_from_args
+from service.settings import InvalidSettings, Settings, settings_from_args
+from service.state import ServiceState
 
 log = logging.getLogger("service.server")
 
@@ -112,25 +114,83 @@ def build_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
     )
 
 
+#: Exit codes: 0 after a drain, 2 for unusable settings or model (nothing started), 3 when the server cannot
+#: listen (the port is taken, the address is not this machine's, ...) or its start-up failed.
+EXIT_CONFIG = 2
+EXIT_START = 3
+
+
+def _fail(message: str, code: int) -> int:
+    log.error("cannot start: %s", message)
+    print(f"mnist-serve: error: {message}", file=sys.stderr)
+    return code
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (None if it can), checked by binding it as uvicorn will.
+
+    Done before the model is loaded, so a taken port is reported at once and in words; the socket is closed
+    again at once (uvicorn binds it itself; a port taken in between still fails, with uvicorn's log line)."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve the host {host!r} ({exc.strerror}); check --host / MNIST_HOST"
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does: TIME_WAIT is fine
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"port {port} is in use; stop what listens there or pick another with --port / MNIST_PORT"
+                if exc.errno == errno.EACCES:
+                    return f"no permission to listen on port {port} (ports below 1024 need privileges); use --port"
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return f"cannot listen on {host}: not an address of this machine; check --host / MNIST_HOST"
+                return f"cannot listen on {host}:{port}: {exc.strerror}"
+    return None
+
+
 def run(settings: Settings) -> int:
+    repository = settings.model_repository
+    if not repository.is_dir():
+        return _fail(
+            f"model repository {repository} does not exist (looked in {repository.resolve()}); pass "
+            "--model-repository PATH or set MNIST_MODEL_REPOSITORY to a folder of <name>/<version>/model.onnx",
+            EXIT_CONFIG,
+        )
+    problem = listen_problem(settings.host, settings.port)
+    if problem is not None:
+        return _fail(problem, EXIT_START)
     try:
         registry = ModelRegistry.load(settings)
     except ModelLoadError as exc:
-        log.error("cannot start: %s", exc)
-        print(f"mnist-serve: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), EXIT_CONFIG)
     app = create_app(settings, registry)
     server = DrainingServer(build_config(settings, app), app, settings.drain_timeout_s)
-    server.run()
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits 3 when binding or the lifespan start-up fails; its log says why
+        if server.started:
+            raise
+        return _fail(
+            f"the server could not start on {settings.host}:{settings.port} (the JSON log above says why)",
+            exc.code if isinstance(exc.code, int) and exc.code else EXIT_START,
+        )
     return 0 if server.started else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(argv)
-    except ValidationError as exc:
-        print(f"mnist-serve: invalid settings:\n{exc}", file=sys.stderr)
-        return 2
+    except InvalidSettings as exc:
+        for problem in exc.problems:
+            print(f"mnist-serve: error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     logs.configure(settings.log_level)
     return run(settings)
 

@@ -323,10 +323,10 @@ def test_shares_the_batcher_metrics_and_openapi(http: httpx.Client) -> None:
 def test_feedback_works_on_v2_answers(http: httpx.Client) -> None:
     resp = http.post("/v2/models/tiny/infer", json=infer_doc(np.zeros(784), [1, 784], outputs=[{"name": "label"}]))
     label = resp.json()["outputs"][0]["data"][0]
-    rid = resp.headers["x-request-id"]
-    fb = http.post("/v1/feedback", json={"request_id": rid, "label": label})
+    pid = resp.headers["x-prediction-id"]
+    fb = http.post("/v1/feedback", json={"prediction_id": pid, "label": label})
     assert fb.status_code == 200, fb.text
-    assert fb.json() == {"request_id": rid, "correct": True}
+    assert fb.json() == {"prediction_id": pid, "correct": True}
 
 
 def test_version_path_tricks_are_not_found(http: httpx.Client) -> None:

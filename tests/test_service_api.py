@@ -283,8 +283,9 @@ def test_bad_png(client: httpx.Client) -> None:
     assert_error(client.post("/v1/predict", content=b"GIF89a....", headers=png), 400, "malformed_png")
     assert_error(client.post("/v1/predict", content=png_bytes(digits(1)[0])[:40], headers=png), 400, "malformed_png")
     big = io.BytesIO()
-    Image.new("L", (56, 56)).save(big, format="PNG")
-    assert_error(client.post("/v1/predict", content=big.getvalue(), headers=png), 422, "invalid_shape")
+    Image.fromarray(digits(1)[0].reshape(28, 28)).resize((56, 40)).save(big, format="PNG")
+    r = client.post("/v1/predict", content=big.getvalue(), headers=png)  # any size: centred and scaled like MNIST
+    assert r.status_code == 200, r.text
     assert_error(client.post("/v1/predict", files={"other": ("x.png", b"abc", "image/png")}), 422, "missing_field")
 
 
@@ -324,20 +325,32 @@ def test_a_bad_request_does_not_disturb_others_in_its_batch(server: Server) -> N
 
 
 def test_feedback_feeds_production_accuracy(client: httpx.Client) -> None:
-    r = client.post("/v1/predict", json={"image": [0.2] * 784})
-    rid, label = r.headers["x-request-id"], r.json()["label"]
-    ok = client.post("/v1/feedback", json={"request_id": rid, "label": label})
+    r = client.post("/v1/predict", json={"image": [0.2] * 784}, headers={"x-request-id": "my-correlation-id"})
+    pid, label = r.json()["prediction_id"], r.json()["label"]
+    assert r.headers["x-prediction-id"] == pid
+    assert r.json()["request_id"] == "my-correlation-id" != pid  # the caller's id is an echo, never the key
+    ok = client.post("/v1/feedback", json={"prediction_id": pid, "label": label})
     assert ok.status_code == 200
-    assert ok.json() == {"request_id": rid, "correct": True}
+    assert ok.json() == {"prediction_id": pid, "correct": True}
     r2 = client.post("/v1/predict", json={"image": [0.3] * 784})
-    rid2, label2 = r2.headers["x-request-id"], r2.json()["label"]
-    wrong = client.post("/v1/feedback", json={"request_id": rid2, "label": (label2 + 1) % 10})
+    pid2, label2 = r2.json()["prediction_id"], r2.json()["label"]
+    wrong = client.post("/v1/feedback", json={"prediction_id": pid2, "label": (label2 + 1) % 10})
     assert wrong.json()["correct"] is False
-    assert_error(client.post("/v1/feedback", json={"request_id": "unknown", "label": 1}), 404, "not_found")
-    assert_error(client.post("/v1/feedback", json={"request_id": rid, "label": 11}), 422, "validation_error")
+    assert_error(client.post("/v1/feedback", json={"prediction_id": "unknown", "label": 1}), 404, "not_found")
+    bad = client.post("/v1/feedback", json={"prediction_id": "my-correlation-id", "label": label})
+    assert_error(bad, 404, "not_found")
+    assert_error(client.post("/v1/feedback", json={"prediction_id": pid, "label": 11}), 422, "validation_error")
+    assert_error(client.post("/v1/feedback", json={"request_id": pid, "label": 1}), 422, "validation_error")
     metrics = client.get("/metrics").text
     assert _metric(metrics, "mnist_feedback_total", 'outcome="correct"') >= 1
     assert _metric(metrics, "mnist_feedback_total", 'outcome="incorrect"') >= 1
+
+
+def test_prediction_ids_are_unguessable_and_distinct(client: httpx.Client) -> None:
+    ids = [client.post("/v1/predict", json={"image": [0.2] * 784}).json()["prediction_id"] for _ in range(20)]
+    assert len(set(ids)) == 20
+    assert all(len(i) >= 22 for i in ids)  # 128 random bits, URL-safe base64
+    assert len({i[:8] for i in ids}) == 20  # no shared prefix or counter
 
 
 # ---------------------------------------------------------------------------------------------- lifecycle

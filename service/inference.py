@@ -1,0 +1,198 @@
+"""The inference core: what every transport (REST v1, Open Inference Protocol, gRPC) does with a request.
+
+Admission (ready, draining, the caller's deadline), decoding by media type (off the event loop when the body is
+big), single vs bulk submission to the batcher, dropping callers that are gone (``gone()``, supplied by the
+transport), remembering predictions for feedback, and the shape of a result. It imports nothing from HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from service import decode
+from service.errors import Draining, InvalidInput, NotReady, PayloadTooLarge, Unauthorized
+from service.model import Model
+from service.registry import ModelRegistry
+from service.state import ServiceState
+
+log = logging.getLogger("service")
+
+#: Bodies larger than this are decoded in a worker thread, so a big JSON never stalls the event loop.
+OFF_LOOP_BYTES = 64 * 1024
+DEADLINE_HEADER = "X-Request-Deadline-Ms"
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Admission:
+    """An admitted request: the model that will answer and the deadline it runs under."""
+
+    model: Model
+    budget_s: float  # seconds from admission to the deadline
+    stated: bool  # the caller stated the deadline (work that cannot meet it is refused at once)
+    why: str  # names the deadline in a 504
+
+
+@dataclass(slots=True)
+class Outcome:
+    probabilities: np.ndarray  # (N, classes) float32
+    labels: np.ndarray  # (N,) uint8
+    model: Model
+    prediction_id: str  # server-issued; what feedback refers to
+    queue_s: float
+    inference_s: float
+    batch_images: int
+
+
+class Core:
+    OFF_LOOP_BYTES = OFF_LOOP_BYTES
+
+    def __init__(self, state: ServiceState) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.metrics = state.metrics
+        self._shapes: dict[int, decode.Shape] = {}
+        self._transport = {t: state.metrics.inference_requests.labels(t) for t in ("http", "grpc")}
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return self.state.registry
+
+    @property
+    def ready(self) -> bool:
+        return self.state.ready
+
+    @property
+    def draining(self) -> bool:
+        return self.state.draining
+
+    # ------------------------------------------------------------------------------------------ admission
+    def admit(self, deadline_s: float | None = None, *, source: str = DEADLINE_HEADER,
+              model: Model | None = None) -> Admission:  # fmt: skip
+        """Refuse work the service cannot take (not ready, draining); settle the deadline.
+
+        A caller's deadline replaces the service's ``request_timeout_s``, up to ``max_deadline_s``.
+        """
+        state = self.state
+        if not state.ready:
+            if state.draining:
+                self.metrics.dropped["draining"].inc()
+                raise Draining()
+            self.metrics.dropped["not_ready"].inc()
+            raise NotReady("the model is not loaded and warm yet", headers={"Retry-After": "1"})
+        chosen = model if model is not None else state.registry.default
+        if deadline_s is None:
+            timeout = self.settings.request_timeout_s
+            return Admission(chosen, timeout, False, f"the service's request timeout ({timeout:g} s)")
+        if not (math.isfinite(deadline_s) and deadline_s > 0):
+            raise InvalidInput(f"{source} must be a positive number", code="invalid_deadline")
+        budget = min(deadline_s, self.settings.max_deadline_s)
+        return Admission(chosen, budget, True, f"its deadline ({budget * 1000:g} ms, from {source})")
+
+    @staticmethod
+    def deadline_ms(raw: str | bytes | None) -> float | None:
+        """``X-Request-Deadline-Ms`` -> seconds (None if absent); 400 when it is not a positive number."""
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            raise InvalidInput(f"{DEADLINE_HEADER} must be a positive number of milliseconds",
+                               code="invalid_header") from None  # fmt: skip
+        if not (math.isfinite(value) and value > 0):
+            raise InvalidInput(f"{DEADLINE_HEADER} must be a positive number of milliseconds", code="invalid_header")
+        return value / 1000.0
+
+    # ------------------------------------------------------------------------------------------ decoding
+    def shape(self, model: Model) -> decode.Shape:
+        shape = self._shapes.get(id(model))
+        if shape is None:
+            s = self.settings
+            shape = decode.Shape(model.n_features, *model.image_shape, s.max_images_per_request, s.max_png_pixels)
+            self._shapes = {**self._shapes, id(model): shape}
+        return shape
+
+    async def decode(self, table: dict[str, decode.Decoder], content_type: str | None, body: bytes,
+                     model: Model) -> np.ndarray:  # fmt: skip
+        """Pixels from a body, by media type; bodies over ``OFF_LOOP_BYTES`` are decoded in a worker thread."""
+        if len(body) > self.settings.max_json_bytes and decode.media_type(content_type) == decode.JSON:
+            raise PayloadTooLarge(f"the JSON body is {len(body)} bytes; JSON is limited to "
+                                  f"{self.settings.max_json_bytes} (send .npy or raw uint8 for bulk)")  # fmt: skip
+        return await self.offload(len(body), decode.decode, table, content_type, body, self.shape(model))
+
+    async def offload(self, size: int, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` here when ``size`` bytes are cheap to handle, else in a worker thread."""
+        if size <= OFF_LOOP_BYTES:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
+
+    # ------------------------------------------------------------------------------------------ inference
+    async def infer(self, admission: Admission, images: np.ndarray, *, gone: Callable[[], bool] | None = None,
+                    transport: str = "http", bulk: bool | None = None) -> Outcome:  # fmt: skip
+        """Run validated pixels ((N, F) uint8 or float32 in [0, 1]) through the batcher and remember the answer.
+
+        One image is interactive work, more is bulk (``bulk`` overrides). ``gone()`` returning True drops the
+        work before compute. Raises the service's errors (503 refused, 504 past the deadline, 499 gone, 500).
+        """
+        counter = self._transport.get(transport)
+        if counter is not None:
+            counter.inc()
+        n = images.shape[0]
+        loop = asyncio.get_running_loop()
+        probs, queue_s, inference_s, batch_n = await self.state.batcher.submit(
+            admission.model,
+            images,
+            bulk=n > 1 if bulk is None else bulk,
+            deadline=loop.time() + admission.budget_s,
+            why=admission.why,
+            budget_s=admission.budget_s if admission.stated else None,
+            gone=gone,
+        )
+        labels = probs.argmax(axis=1).astype(np.uint8)
+        pid = self.state.feedback.remember(labels)
+        return Outcome(probs, labels, admission.model, pid, queue_s, inference_s, batch_n)
+
+    # ------------------------------------------------------------------------------------------ feedback
+    def feedback(self, prediction_id: str, label: int, index: int, *, source: str, token: str | None) -> bool | None:
+        """Score a reported true label; None when the prediction is unknown (forgotten, or another replica's)."""
+        required = self.settings.feedback_token
+        if required and not _same(token, required):
+            raise Unauthorized("feedback needs a valid bearer token", headers={"WWW-Authenticate": "Bearer"})
+        return self.state.feedback.score(prediction_id, label, index, source)
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    async def warm_up(self) -> None:
+        """Warm every loaded model, measure the engine's cost per batch size, then say ready."""
+        state = self.state
+        try:
+            for model in state.registry.models:
+                await asyncio.to_thread(model.warm_up, self.settings.largest_batch)
+                await self.calibrate(model)
+        except Exception:
+            log.exception("warm-up failed; the service stays not ready")
+            return
+        if not state.draining:
+            state.ready = True
+            state.metrics.ready.set(1)
+            log.info("ready", extra={"model": state.registry.name, "version": state.registry.default.version})
+
+    async def calibrate(self, model: Model) -> None:
+        """Measure a (warm) model's engine cost per batch size: the batcher runs cheap batches inline."""
+        sizes = sorted(
+            {min(1 << i, self.settings.max_batch_size) for i in range(self.settings.max_batch_size.bit_length())}
+        )
+        costs = await asyncio.to_thread(self.state.batcher.calibrate, model, sizes)
+        log.info("engine cost measured", extra={"model": model.name, "version": model.version,
+                                                "engine_us": {str(n): round(c * 1e6, 1) for n, c in costs.items()}})  # fmt: skip
+
+
+def _same(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
