@@ -47,17 +47,11 @@ SERVICE = "inference.GRPCInferenceService"
 #: SERVING for as long as the server runs (Kubernetes' gRPC liveness probe must not fail during a drain).
 READINESS_NAMES = ("readiness", SERVICE)
 EXTENSIONS = ("classification",)
-_STATUS = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,  # as gRPC itself answers a message over the size limit
-    404: grpc.StatusCode.NOT_FOUND,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    499: grpc.StatusCode.CANCELLED,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
+_C = grpc.StatusCode
+#: HTTP status -> gRPC status. 413 is RESOURCE_EXHAUSTED, as gRPC itself answers a message over its size limit.
+_STATUS = {400: _C.INVALID_ARGUMENT, 415: _C.INVALID_ARGUMENT, 422: _C.INVALID_ARGUMENT, 413: _C.RESOURCE_EXHAUSTED,
+           404: _C.NOT_FOUND, 401: _C.UNAUTHENTICATED, 499: _C.CANCELLED, 503: _C.UNAVAILABLE,
+           504: _C.DEADLINE_EXCEEDED}  # fmt: skip
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -68,8 +62,8 @@ with contextlib.suppress(TypeError):  # the health service's descriptors, for re
 def grpc_status(exc: ServiceError) -> grpc.StatusCode:
     """The gRPC status of a service error; a deadline the queue cannot meet is DEADLINE_EXCEEDED, not 503."""
     if exc.code == "deadline_unmeetable":
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return _STATUS.get(exc.status_code, grpc.StatusCode.INTERNAL)
+        return _C.DEADLINE_EXCEEDED
+    return _STATUS.get(exc.status_code, _C.INTERNAL)
 
 
 def _int_param(params: Any, key: str, what: str) -> int | None:
@@ -170,10 +164,11 @@ class GrpcServer:
     def _rpc(self, method: str, request_type: type[Message], fn: Callable[..., Awaitable[Message]]) -> Any:
         """Bytes in, bytes out: a message that does not parse is INVALID_ARGUMENT (gRPC's own would be INTERNAL)."""
         duration = self._duration.labels(method)
+        counts: dict[grpc.StatusCode, Any] = {}  # label children, resolved once per code
 
         async def handler(raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
             start = time.perf_counter()
-            code = grpc.StatusCode.OK
+            code = _C.OK
             self._inflight += 1
             self._idle.clear()
             try:
@@ -187,13 +182,14 @@ class GrpcServer:
                 code = grpc_status(exc)
                 retry = exc.headers.get("Retry-After")
                 await context.abort(code, exc.message, (("retry-after", retry),) if retry else ())
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+            except asyncio.CancelledError:  # the client cancelled, or its deadline passed: gRPC ends the call
+                left = context.time_remaining()
+                code = _C.DEADLINE_EXCEEDED if left is not None and left <= 0 else _C.CANCELLED
                 raise
             except grpc.aio.AbortError:
                 raise
             except Exception:
-                code = grpc.StatusCode.INTERNAL
+                code = _C.INTERNAL
                 error_id = uuid.uuid4().hex[:12]
                 log.exception("gRPC call failed", extra={"method": method, "error_id": error_id})
                 await context.abort(code, f"internal error (error id {error_id})")
@@ -202,7 +198,10 @@ class GrpcServer:
                 if not self._inflight:
                     self._idle.set()
                 duration.observe(time.perf_counter() - start)
-                self._requests.labels(method, code.name).inc()
+                child = counts.get(code)
+                if child is None:
+                    child = counts[code] = self._requests.labels(method, code.name)
+                child.inc()
             raise AssertionError("unreachable")  # abort() raises
 
         return grpc.unary_unary_rpc_method_handler(handler)
