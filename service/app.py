@@ -100,11 +100,18 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Ser
         log.info("model loaded", extra={"model": reg.name, "version": default.version, "provider": default.provider,
                                         "sha256": default.sha256})  # fmt: skip
         state.warmup = asyncio.create_task(core.warm_up())
+        grpc_server = None
+        if settings.grpc_port:  # imported only when enabled: grpcio costs memory a REST-only process does not need
+            from service.grpc_server import start_grpc
+
+            grpc_server = await start_grpc(core)
         try:
             yield
         finally:
             state.begin_drain()
             state.warmup.cancel()
+            if grpc_server is not None:  # RPCs in flight finish before the batcher stops
+                await grpc_server.drain(settings.drain_timeout_s)
             if not await state.batcher.drain(settings.drain_timeout_s):
                 log.warning("drain timed out with work still queued")
             await state.batcher.stop()
