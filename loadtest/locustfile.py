@@ -4,7 +4,7 @@
 - ``PngUser``: single-image PNG, back to back;
 - ``BulkUser``: the bulk endpoint, raw uint8 bodies with binary answers and JSON bodies;
 - ``MixedUser``: what a real client population does, with think times of 0.5-3 s (``profiles.MIXED_THINK_S``;
-  20 users offer at most about 11 req/s): mostly single JSON,
+  20 users offer about 11 req/s): mostly single JSON,
   some PNG, occasional bulk jobs, model metadata reads, and feedback with the true label of an earlier
   prediction.
 

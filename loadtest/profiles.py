@@ -1,8 +1,9 @@
 """What each locust profile offers, shared by ``locustfile.py`` (which runs it) and ``run.py`` (which reports it).
 
 A locust user is a closed loop: it sends a request, waits for the answer, then waits its think time. A profile
-with think time offers at most ``users / mean think time`` requests per second whatever the service can do, so
-its measured rate says nothing about capacity. Profiles without think time offer whatever the service answers.
+with think time offers about ``users / mean think time`` requests per second whatever the service can do, so
+its measured rate says nothing about capacity (a short run measures a little more: each user's first request
+is sent at once). Profiles without think time offer whatever the service answers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ class Profile:
     think_s: tuple[float, float] | None  # uniform think time between requests (locust ``between``), or none
 
     def offered_rps(self, users: int) -> float | None:
-        """Upper bound of the request rate the users can offer (None: closed loop without think time)."""
+        """Steady-state request rate the users offer, users / mean think time (None: no think time)."""
         if self.think_s is None:
             return None
         return users / (sum(self.think_s) / 2)
@@ -27,7 +28,8 @@ class Profile:
                     "the rate is what the service answers")  # fmt: skip
         lo, hi = self.think_s
         return (f"offered load: closed loop, {users} users each thinking {lo:g}-{hi:g} s (mean {(lo + hi) / 2:g} s) "
-                f"between requests: at most {self.offered_rps(users):.1f} req/s, whatever the service can do")  # fmt: skip
+                f"between requests: about {self.offered_rps(users):.1f} req/s in steady state (users / mean think "
+                "time; each user's first request comes at once), whatever the service can do")  # fmt: skip
 
 
 MIXED_THINK_S = (0.5, 3.0)

@@ -6,8 +6,8 @@ service that is not ready ends the run at once (exit 2) instead of timing a floo
 Every SLO is judged only when the error ratio is within its limit: the latency of failed requests (a refused
 connection takes microseconds) says nothing, so an error ratio over its limit misses every SLO.
 
-It prints the load it offers: a profile with think time (``mixed``) is a closed loop that cannot offer more
-than ``users / mean think time`` requests per second, whatever the service can do.
+It prints the load it offers: a profile with think time (``mixed``) is a closed loop that offers about
+``users / mean think time`` requests per second, whatever the service can do.
 
 Exit codes: 0 all SLOs met; 1 an SLO missed (p99 latency or error ratio); 2 the run itself failed
 (target unreachable or not ready, locust crashed, no stats, refused target).
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     offered = profile.offered_rps(args.users)
     print(
         f"requests {s.requests}, {s.rps:.1f} req/s"
-        + (f" (offered at most {offered:.1f} req/s)" if offered is not None else "")
+        + (f" (offered about {offered:.1f} req/s)" if offered is not None else "")
         + f", failures {s.failures} ({s.error_ratio:.4%}), "
         f"p50 {s.p50_ms:g} ms, p95 {s.p95_ms:g} ms, p99 {s.p99_ms:g} ms"
     )
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"MISS  p99 {s.p99_ms:g} ms <= {args.p99_ms:g} ms not judged: the error ratio is over its limit, "
               "and the latency of failed requests says nothing")  # fmt: skip
     if offered is not None and args.profile == "mixed":
-        print(f"note: the mixed profile's rate is set by its think time ({s.rps:.1f} of at most {offered:.1f} req/s "
+        print(f"note: the mixed profile's rate is set by its think time ({s.rps:.1f} req/s for about {offered:.1f} "
               "offered): it checks latency and correctness under a realistic mix, not capacity "
               "(use --profile json, png or bulk, or more --users)")  # fmt: skip
     print(f"wrote {stats}, {html}")
