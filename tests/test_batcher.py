@@ -1,42 +1,55 @@
-"""Deterministic unit tests of the batcher: a gate (threading.Event) holds the real ONNX model call,
-so what queues up while a batch runs is decided by the test, never by timing luck."""
+"""Deterministic unit tests of the batcher: a gate (threading.Event) holds the real ONNX model call, so what
+queues up while a batch runs is decided by the test, never by timing luck."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, BatchResult, ClientDisconnected
-from service.errors import DeadlineExceeded, Draining, EngineError, Overloaded
+from service.batcher import Batcher, Result
+from service.errors import ClientDisconnected, DeadlineExceeded, Draining, EngineError, Overloaded
 from service.metrics import Metrics
 from service.model import Model, load_model
 from service.settings import Settings
 
 
 class Gate:
-    """Wraps the real model's run: records each batch and blocks until the test opens the gate."""
+    """Wraps the real model's run: records each batch (and its thread), blocks while the gate is closed."""
 
     def __init__(self, model: Model) -> None:
         self.real_run = model.run
         self.batches: list[np.ndarray] = []
+        self.threads: list[int] = []
         self.entered = threading.Event()
         self.open = threading.Event()
         self.open.set()
         self.fail_next = False
+        self.inside = 0
+        self.most_inside = 0
+        self._lock = threading.Lock()
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        self.batches.append(x.copy())
+        with self._lock:
+            self.batches.append(x.copy())
+            self.threads.append(threading.get_ident())
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
         self.entered.set()
-        assert self.open.wait(10), "test gate never opened"
-        if self.fail_next:
-            self.fail_next = False
-            raise RuntimeError("injected engine failure")
-        return self.real_run(x)
+        try:
+            assert self.open.wait(10), "test gate never opened"
+            if self.fail_next:
+                self.fail_next = False
+                raise RuntimeError("injected engine failure")
+            return self.real_run(x)
+        finally:
+            with self._lock:
+                self.inside -= 1
 
 
 @pytest.fixture
@@ -51,13 +64,10 @@ def gate(model: Model) -> Gate:
     return g
 
 
-def make_batcher(**kw: float) -> Batcher:
-    """Pipeline depth 1 unless asked: one engine call at a time, so batch formation is easy to reason about."""
-    args: dict[str, float] = {
-        "max_batch_size": 8, "max_wait_s": 0.0, "max_queue_images": 64, "request_timeout_s": 5.0, "pipeline_depth": 1
-    }  # fmt: skip
+def make_batcher(**kw: Any) -> Batcher:
+    args: dict[str, Any] = {"max_batch_size": 8, "max_wait_s": 0.0, "max_queue_images": 64, "bulk_parallel": 1}
     args.update(kw)
-    return Batcher(metrics=Metrics(), **args)  # type: ignore[arg-type]
+    return Batcher(metrics=Metrics(), **args)
 
 
 @pytest.fixture
@@ -72,59 +82,62 @@ def images(n: int, value: float = 0.5) -> np.ndarray:
     return np.full((n, 784), value, dtype=np.float32)
 
 
-async def hold(gate: Gate, b: Batcher, model: Model) -> asyncio.Task[BatchResult]:
+def submit(b: Batcher, model: Model, x: np.ndarray, *, bulk: bool = False, timeout_s: float = 5.0,
+           budget_s: float | None = None, gone: Callable[[], bool] | None = None) -> asyncio.Task[Result]:  # fmt: skip
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    coro = b.submit(model, x, bulk=bulk, deadline=deadline, why="the test's deadline", budget_s=budget_s, gone=gone)
+    return asyncio.ensure_future(coro)
+
+
+async def hold(gate: Gate, b: Batcher, model: Model) -> asyncio.Task[Result]:
     """Start one request and wait until its batch is inside the (closed) gate."""
     gate.open.clear()
     gate.entered.clear()
-    first = asyncio.ensure_future(b.submit(model, images(1, 0.1)))
+    first = submit(b, model, images(1, 0.1))
     assert await asyncio.to_thread(gate.entered.wait, 10)
     return first
 
 
 async def test_idle_request_runs_at_once_alone(batcher: Batcher, model: Model, gate: Gate) -> None:
-    res = await batcher.submit(model, images(1))
-    assert res.batch_images == 1
+    probs, queue_s, _, batch_n = await submit(batcher, model, images(1))
+    assert probs.shape == (1, 10)
+    assert batch_n == 1 and queue_s >= 0
     assert len(gate.batches) == 1
-    expected = gate.real_run(images(1))
-    np.testing.assert_allclose(res.probabilities, expected, rtol=1e-6)
 
 
-async def test_requests_queued_while_a_batch_runs_share_the_next_batch(
-    batcher: Batcher, model: Model, gate: Gate
-) -> None:
+async def test_requests_queued_while_a_batch_runs_share_the_next_batch(batcher: Batcher, model: Model,
+                                                                      gate: Gate) -> None:  # fmt: skip
     first = await hold(gate, batcher, model)
-    rest = [asyncio.ensure_future(batcher.submit(model, images(1, v))) for v in (0.2, 0.3, 0.4)]
-    await asyncio.sleep(0)  # let them enqueue
-    assert batcher.queued_images == 3
+    rest = [submit(batcher, model, images(1, 0.2 + i / 100)) for i in range(5)]
+    await asyncio.sleep(0)
     gate.open.set()
-    results = await asyncio.gather(first, *rest)
-    assert [r.batch_images for r in results] == [1, 3, 3, 3]
-    assert [b.shape[0] for b in gate.batches] == [1, 3]
-    # each caller gets its own row back
-    for r, v in zip(results[1:], (0.2, 0.3, 0.4), strict=True):
-        np.testing.assert_allclose(r.probabilities, gate.real_run(images(1, v)), rtol=1e-5)
+    await first
+    results = await asyncio.gather(*rest)
+    assert [len(b) for b in gate.batches] == [1, 5]
+    for i, (probs, _, _, batch_n) in enumerate(results):  # each caller gets its own row back
+        assert batch_n == 5
+        np.testing.assert_allclose(probs, gate.real_run(images(1, 0.2 + i / 100)), rtol=1e-5)
 
 
 async def test_batches_never_exceed_max_batch_size(batcher: Batcher, model: Model, gate: Gate) -> None:
     first = await hold(gate, batcher, model)
-    rest = [asyncio.ensure_future(batcher.submit(model, images(1))) for _ in range(11)]
+    rest = [submit(batcher, model, images(1)) for _ in range(20)]
     await asyncio.sleep(0)
     gate.open.set()
     await asyncio.gather(first, *rest)
-    assert [b.shape[0] for b in gate.batches] == [1, 8, 3]
+    assert [len(b) for b in gate.batches] == [1, 8, 8, 4]
 
 
 async def test_full_queue_refuses_at_once_with_retry_after(model: Model, gate: Gate) -> None:
-    b = make_batcher(max_queue_images=2)
+    b = make_batcher(max_queue_images=4)
     b.start()
     try:
         first = await hold(gate, b, model)
-        queued = [asyncio.ensure_future(b.submit(model, images(1))) for _ in range(2)]
+        queued = [submit(b, model, images(1)) for _ in range(4)]
         await asyncio.sleep(0)
-        with pytest.raises(Overloaded) as info:
-            await b.submit(model, images(1))
-        assert info.value.status_code == 503
-        assert int(info.value.headers["Retry-After"]) >= 1
+        with pytest.raises(Overloaded) as err:
+            await submit(b, model, images(1))
+        assert err.value.code == "queue_full" and int(err.value.headers["Retry-After"]) >= 1
         gate.open.set()
         await asyncio.gather(first, *queued)
     finally:
@@ -132,105 +145,126 @@ async def test_full_queue_refuses_at_once_with_retry_after(model: Model, gate: G
         await b.stop()
 
 
-async def test_request_past_its_deadline_gets_504_and_is_not_computed(model: Model, gate: Gate) -> None:
-    b = make_batcher(request_timeout_s=0.05)
+async def test_a_deadline_passing_in_the_queue_answers_504_while_the_engine_is_still_busy(
+    batcher: Batcher, model: Model, gate: Gate
+) -> None:
+    first = await hold(gate, batcher, model)
+    late = submit(batcher, model, images(1, 0.9), timeout_s=0.05)
+    with pytest.raises(DeadlineExceeded, match="the test's deadline"):
+        await asyncio.wait_for(late, 10)  # the one timer fired: the engine call is still held by the gate
+    assert len(gate.batches) == 1
+    gate.open.set()
+    await first
+    await submit(batcher, model, images(1, 0.3))
+    assert not any(np.allclose(x, 0.9) for x in gate.batches)  # never computed
+
+
+async def test_cancelled_caller_is_dropped_before_compute(batcher: Batcher, model: Model, gate: Gate) -> None:
+    first = await hold(gate, batcher, model)
+    doomed = submit(batcher, model, images(1, 0.7))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    gate.open.set()
+    await first
+    await submit(batcher, model, images(1, 0.3))
+    assert not any(np.allclose(x, 0.7) for x in gate.batches)
+
+
+async def test_a_caller_that_is_gone_is_dropped_when_the_batch_forms(batcher: Batcher, model: Model,
+                                                                     gate: Gate) -> None:  # fmt: skip
+    first = await hold(gate, batcher, model)
+    hung_up = False
+    doomed = submit(batcher, model, images(1, 0.7), gone=lambda: hung_up)
+    kept = submit(batcher, model, images(1, 0.3), gone=lambda: False)
+    await asyncio.sleep(0)
+    hung_up = True
+    gate.open.set()
+    await first
+    await kept
+    with pytest.raises(ClientDisconnected):
+        await doomed
+    assert not any(np.allclose(x, 0.7) for x in gate.batches)
+
+
+async def test_engine_error_fails_only_its_batch(batcher: Batcher, model: Model, gate: Gate) -> None:
+    gate.fail_next = True
+    with pytest.raises(EngineError) as err:
+        await submit(batcher, model, images(1))
+    assert "error id" in err.value.message and "injected" not in err.value.message
+    probs, *_ = await submit(batcher, model, images(1))
+    assert probs.shape == (1, 10)
+
+
+async def test_a_single_image_never_waits_behind_bulk_work(batcher: Batcher, model: Model, gate: Gate) -> None:
+    gate.open.clear()
+    bulk = submit(batcher, model, images(4, 0.6), bulk=True)
+    assert await asyncio.to_thread(gate.entered.wait, 10)
+    single = submit(batcher, model, images(1, 0.4))
+    for _ in range(500):  # the single image reaches the engine on its own thread while bulk is still inside
+        if gate.inside == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert gate.inside == 2
+    gate.open.set()
+    await asyncio.gather(bulk, single)
+
+
+async def test_bulk_uint8_is_chunked_and_scaled_off_the_event_loop(model: Model, gate: Gate) -> None:
+    b = make_batcher(bulk_chunk_images=4)
     b.start()
     try:
-        first = await hold(gate, b, model)
-        with pytest.raises(DeadlineExceeded) as info:
-            await b.submit(model, images(1, 0.9))
-        assert info.value.status_code == 504
+        x = np.arange(10 * 784, dtype=np.int64).reshape(10, 784).astype(np.uint8)
+        probs, _, _, _ = await submit(b, model, x, bulk=True)
+        assert [len(c) for c in gate.batches] == [4, 4, 2]
+        assert all(c.dtype == np.float32 for c in gate.batches)
+        np.testing.assert_allclose(np.concatenate(gate.batches), x / np.float32(255), rtol=1e-6)
+        np.testing.assert_allclose(probs, gate.real_run(x / np.float32(255)), rtol=1e-5)
+        assert threading.get_ident() not in gate.threads
+    finally:
+        await b.stop()
+
+
+async def test_bulk_uses_every_engine_thread_only_while_no_single_image_waits(model: Model, gate: Gate) -> None:
+    b = make_batcher(bulk_chunk_images=2, bulk_parallel=2)
+    b.start()
+    try:
+        gate.open.clear()
+        bulk = submit(b, model, images(8, 0.6), bulk=True)
+        await asyncio.to_thread(lambda: gate.entered.wait(10))
+        for _ in range(200):  # the second chunk enters the gate on the second thread
+            if gate.inside == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert gate.inside == 2
+        single = submit(b, model, images(1, 0.4))
+        for _ in range(500):  # the single image joins on the interactive thread: three engine calls at once
+            if gate.inside == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert gate.inside == 3
         gate.open.set()
-        with pytest.raises(DeadlineExceeded):  # the held one also outlived its deadline
-            await first
-        follow = await b.submit(model, images(1, 0.3))
-        assert follow.batch_images == 1
-        # the expired request never reached the engine: batches were [held], [follow]
-        assert [float(x[0, 0]) for x in gate.batches] == pytest.approx([0.1, 0.3])
+        await asyncio.gather(bulk, single)
+        order = [round(float(x[0, 0]), 3) for x in gate.batches]
+        assert order.index(0.4) == 2  # after the two bulk chunks already running, before the other two
     finally:
         gate.open.set()
         await b.stop()
 
 
-async def test_cancelled_caller_is_dropped_before_compute(batcher: Batcher, model: Model, gate: Gate) -> None:
-    first = await hold(gate, batcher, model)
-    doomed = asyncio.ensure_future(batcher.submit(model, images(1, 0.7)))
-    kept = asyncio.ensure_future(batcher.submit(model, images(1, 0.2)))
-    await asyncio.sleep(0)
-    doomed.cancel()
-    await asyncio.sleep(0)
-    gate.open.set()
-    await first
-    res = await kept
-    assert res.batch_images == 1
-    assert doomed.cancelled()
-    assert all(not np.isclose(x[:, 0], 0.7).any() for x in gate.batches)
-
-
-async def test_disconnected_client_is_dropped(batcher: Batcher, model: Model, gate: Gate) -> None:
-    gone = asyncio.Event()
-
-    async def receive() -> dict[str, str]:
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    first = await hold(gate, batcher, model)
-    waiting = asyncio.ensure_future(batcher.submit(model, images(1, 0.7), receive=receive))
-    await asyncio.sleep(0)
-    gone.set()
-    with pytest.raises(ClientDisconnected):
-        await waiting
-    gate.open.set()
-    await first
-    assert [b.shape[0] for b in gate.batches] == [1]
-    ok = await batcher.submit(model, images(1))
-    assert ok.batch_images == 1
-
-
-async def test_engine_error_fails_only_its_batch(batcher: Batcher, model: Model, gate: Gate) -> None:
-    first = await hold(gate, batcher, model)
-    gate.fail_next = True
-    gate.open.set()
-    with pytest.raises(EngineError) as info:
-        await first
-    assert info.value.status_code == 500
-    assert info.value.error_id in info.value.message
-    assert "injected" not in info.value.message  # no internals leak
-    after = await asyncio.gather(*(batcher.submit(model, images(1)) for _ in range(3)))
-    assert all(r.probabilities.shape == (1, 10) for r in after)
-
-
-async def test_interactive_work_goes_before_queued_bulk(batcher: Batcher, model: Model, gate: Gate) -> None:
-    first = await hold(gate, batcher, model)
-    bulk = asyncio.ensure_future(batcher.submit_many(model, images(16, 0.6)))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    single = asyncio.ensure_future(batcher.submit(model, images(1, 0.2)))
-    await asyncio.sleep(0)
-    gate.open.set()
-    await first
-    res = await single
-    probs, _, _ = await bulk
-    assert probs.shape == (16, 10)
-    # the single image ran in the first batch after the held one, ahead of both bulk chunks
-    assert float(gate.batches[1][0, 0]) == pytest.approx(0.2)
-    assert res.batch_images == 1
-
-
 async def test_deadline_aware_admission_refuses_unmeetable_requests(model: Model, gate: Gate) -> None:
-    b = make_batcher(max_queue_images=10_000, max_batch_size=256)
+    b = make_batcher(max_queue_images=10_000, max_batch_size=64)
     b.start()
     try:
         first = await hold(gate, b, model)
-        backlog = [asyncio.ensure_future(b.submit(model, images(200), bulk=True)) for _ in range(10)]
+        b._sec_per_image = 0.01  # the measured cost: 10 ms per image
+        queued = [submit(b, model, images(1)) for _ in range(50)]
         await asyncio.sleep(0)
-        b._sec_per_image = 1e-3  # as if measured: 2,000 queued images = about 2 s of work
-        with pytest.raises(Overloaded) as info:
-            await b.submit(model, images(1), bulk=True, budget_s=0.05)
-        assert info.value.code == "deadline_unmeetable"
-        assert int(info.value.headers["Retry-After"]) >= 2
+        with pytest.raises(Overloaded) as err:
+            await submit(b, model, images(1), budget_s=0.1)
+        assert err.value.code == "deadline_unmeetable"
+        fine = submit(b, model, images(1), budget_s=5.0)
         gate.open.set()
-        await asyncio.gather(first, *backlog)
+        await asyncio.gather(first, fine, *queued)
     finally:
         gate.open.set()
         await b.stop()
@@ -238,70 +272,29 @@ async def test_deadline_aware_admission_refuses_unmeetable_requests(model: Model
 
 async def test_drain_finishes_queued_work_then_refuses(batcher: Batcher, model: Model, gate: Gate) -> None:
     first = await hold(gate, batcher, model)
-    queued = asyncio.ensure_future(batcher.submit(model, images(1)))
+    queued = submit(batcher, model, images(1))
     await asyncio.sleep(0)
-    drained = asyncio.ensure_future(batcher.drain(5))
+    draining = asyncio.ensure_future(batcher.drain(10))
     await asyncio.sleep(0)
     with pytest.raises(Draining):
-        await batcher.submit(model, images(1))
+        await submit(batcher, model, images(1))
     gate.open.set()
-    assert await drained
-    assert (await queued).probabilities.shape == (1, 10)
-    await first
+    assert await draining
+    await asyncio.gather(first, queued)
 
 
-async def test_pipelining_hands_bulk_over_ahead_but_keeps_interactive_work_queued(model: Model, gate: Gate) -> None:
-    b = make_batcher(pipeline_depth=2)
+async def test_a_batch_measured_cheap_runs_inline_and_an_expensive_one_in_a_thread(model: Model, gate: Gate) -> None:
+    b = make_batcher(inline_budget_s=1.0)  # everything is "cheap" under a 1 s budget
     b.start()
     try:
-        gate.open.clear()
-        first = asyncio.ensure_future(b.submit(model, images(3, 0.1), bulk=True))
-        assert await asyncio.to_thread(gate.entered.wait, 10)
-        second = asyncio.ensure_future(b.submit(model, images(2, 0.3), bulk=True))
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert b.queued_images == 0  # a bulk chunk is handed to the inference thread behind the running one
-        third = asyncio.ensure_future(b.submit(model, images(1, 0.4)))
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert b.queued_images == 1  # interactive work waits for a free engine (droppable, joinable)
-        gate.open.set()
-        results = await asyncio.gather(first, second, third)
-        assert [r.batch_images for r in results] == [3, 2, 1]
-    finally:
-        gate.open.set()
-        await b.stop()
-
-
-async def test_bulk_chunks_are_bulk_chunk_images_each(model: Model, gate: Gate) -> None:
-    b = make_batcher(max_batch_size=4, bulk_chunk_images=10, max_queue_images=100)
-    b.start()
-    try:
-        probs, _, _ = await b.submit_many(model, images(25, 0.5))
-        assert probs.shape == (25, 10)
-        assert [x.shape[0] for x in gate.batches] == [10, 10, 5]
+        b.calibrate(model, [1, 2, 4, 8])
+        gate.batches.clear()
+        gate.threads.clear()
+        await submit(b, model, images(1))
+        assert gate.threads == [threading.get_ident()]  # ran on the event loop's thread
+        b.inline_budget_s = 0.0
+        await submit(b, model, images(1))
+        assert gate.threads[-1] != threading.get_ident()
+        assert b.inline_max_s > 0
     finally:
         await b.stop()
-
-
-class _Connection:
-    """Stands for uvicorn's request cycle: the batcher reads ``disconnected`` instead of starting a task."""
-
-    def __init__(self) -> None:
-        self.disconnected = False
-
-    async def receive(self) -> dict[str, str]:
-        raise AssertionError("the batcher must not call receive() when it can read the connection state")
-
-
-async def test_connection_state_is_read_when_the_batch_forms(batcher: Batcher, model: Model, gate: Gate) -> None:
-    conn = _Connection()
-    first = await hold(gate, batcher, model)
-    waiting = asyncio.ensure_future(batcher.submit(model, images(1, 0.7), receive=conn.receive))
-    await asyncio.sleep(0)
-    conn.disconnected = True
-    gate.open.set()
-    await first
-    with pytest.raises(ClientDisconnected):
-        await waiting
-    assert all(not np.isclose(x[:, 0], 0.7).any() for x in gate.batches)

@@ -15,7 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.metrics import DROP_REASONS, LATENCY_BUCKETS, ROUTES, Metrics, NumpyHistogram
 from service.model import Model, Reference, load_model
-from service.quality import CONFIDENCE_BUCKETS, MIN_DRIFT_SAMPLES, Quality, psi
+from service.errors import TooManyRequests
+from service.feedback import ENTRY_OVERHEAD, Feedback
+from service.quality import CONFIDENCE_BUCKETS, MAX_IMAGES_PER_REQUEST, MIN_DRIFT_SAMPLES, Quality, psi
 from service.settings import Settings
 from tests.helpers import ROOT, SHARED_MNIST, write_model
 
@@ -146,10 +148,16 @@ def test_observe_batch_and_model_info(tiny_model: Model) -> None:
     assert value == 1
 
 
+def singles(labels: np.ndarray) -> list[int]:
+    """Each image its own request (the drift window takes at most 64 images of one request)."""
+    return [1] * len(labels)
+
+
 def test_design_doc_lists_the_exported_metrics() -> None:
     """docs/design.md's metric list and the exposition agree, both ways (process_* and python_* aside)."""
     m = Metrics()
-    m.registry.register(Quality(10, 100, 10))
+    m.registry.register(Quality(10, 100))
+    m.registry.register(Feedback(10, 1 << 20, 0))
     exported = {f.name + ("_total" if f.type == "counter" else "") for f in m.registry.collect()}
     exported = {n for n in exported if n.startswith(("mnist_", "http_"))}
     section = (ROOT / "docs" / "design.md").read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
@@ -161,7 +169,8 @@ def test_design_doc_lists_the_exported_metrics() -> None:
 def test_dashboard_and_alerts_use_only_exported_metrics() -> None:
     """Static check of every metric name in the Grafana JSON and the alert rules (no Prometheus needed)."""
     m = Metrics()
-    m.registry.register(Quality(10, 100, 10))
+    m.registry.register(Quality(10, 100))
+    m.registry.register(Feedback(10, 1 << 20, 0))
     names = set()
     for family in m.registry.collect():
         suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(family.type, ("",))
@@ -187,16 +196,21 @@ def test_psi_is_zero_for_the_same_distribution_and_grows_with_the_shift() -> Non
 
 def test_drift_is_nan_until_the_window_holds_enough_images(tiny_model: Model) -> None:
     _, x, y = mnist()
-    q = Quality(10, window=2000, feedback_window=10)
+    q = Quality(10, window=2000)
     assert all(math.isnan(v) for v in q.drift().values())  # no reference
     q.set_reference(reference_from(x, y))
-    q.record_batch(tiny_model, pixels(x[: MIN_DRIFT_SAMPLES - 1]), one_hot(y[: MIN_DRIFT_SAMPLES - 1]))
+    q.record_batch(
+        tiny_model,
+        pixels(x[: MIN_DRIFT_SAMPLES - 1]),
+        one_hot(y[: MIN_DRIFT_SAMPLES - 1]),
+        singles(y[: MIN_DRIFT_SAMPLES - 1]),
+    )
     assert all(math.isnan(v) for v in q.drift().values())
-    q.record_batch(tiny_model, pixels(x[:1]), one_hot(y[:1]))
+    q.record_batch(tiny_model, pixels(x[:1]), one_hot(y[:1]), singles(y[:1]))
     assert all(math.isfinite(v) for v in q.drift().values())
-    small = Quality(10, window=50, feedback_window=10)  # a window below the minimum still scores when full
+    small = Quality(10, window=50)  # a window below the minimum still scores when full
     small.set_reference(reference_from(x, y))
-    small.record_batch(tiny_model, pixels(x[:50]), one_hot(y[:50]))
+    small.record_batch(tiny_model, pixels(x[:50]), one_hot(y[:50]), singles(y[:50]))
     assert all(math.isfinite(v) for v in small.drift().values())
 
 
@@ -207,14 +221,14 @@ def test_the_window_holds_exactly_the_most_recent_images(batch_sizes: list[int])
     window = 600
     _, x, y = mnist()
     ref = reference_from(x, y)
-    q = Quality(10, window=window, feedback_window=10)
+    q = Quality(10, window=window)
     q.set_reference(ref)
     rng = np.random.default_rng(len(batch_sizes))
     order = rng.integers(0, len(x), sum(batch_sizes))
     start = 0
     for n in batch_sizes:
         idx = order[start : start + n]
-        q.record_batch(None, pixels(x[idx]), one_hot(y[idx]))  # type: ignore[arg-type]
+        q.record_batch(None, pixels(x[idx]), one_hot(y[idx]), singles(y[idx]))  # type: ignore[arg-type]
         start += n
     recent = order[-window:]
     drift = q.drift()
@@ -234,9 +248,9 @@ def test_real_digits_stay_below_the_threshold_and_inverted_or_faded_ones_cross_i
     rng = np.random.default_rng(3)
 
     def score(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        q = Quality(10, window=2000, feedback_window=10)
+        q = Quality(10, window=2000)
         q.set_reference(ref)
-        q.record_batch(None, pixels(images), one_hot(labels))  # type: ignore[arg-type]
+        q.record_batch(None, pixels(images), one_hot(labels), singles(labels))  # type: ignore[arg-type]
         return q.drift()
 
     idx = rng.choice(len(x), 2000, replace=len(x) < 2000)
@@ -249,9 +263,9 @@ def test_real_digits_stay_below_the_threshold_and_inverted_or_faded_ones_cross_i
 
 def test_a_new_reference_restarts_the_window(tiny_model: Model) -> None:
     _, x, y = mnist()
-    q = Quality(10, window=1000, feedback_window=10)
+    q = Quality(10, window=1000)
     q.set_reference(reference_from(x, y))
-    q.record_batch(tiny_model, pixels(x[:1000]), one_hot(y[:1000]))
+    q.record_batch(tiny_model, pixels(x[:1000]), one_hot(y[:1000]), singles(y[:1000]))
     assert math.isfinite(q.drift()["mean_intensity"])
     q.set_reference(reference_from(x, y))
     assert math.isnan(q.drift()["mean_intensity"])
@@ -259,41 +273,68 @@ def test_a_new_reference_restarts_the_window(tiny_model: Model) -> None:
 
 # ----------------------------------------------------------------------------------------- feedback
 def test_feedback_scores_remembered_predictions_once() -> None:
-    q = Quality(10, window=100, feedback_window=3, remembered=2)
-    q.remember("a", np.array([7]))
-    q.remember("b", np.array([1, 2, 3]))
-    assert q.feedback("a", 7, 0) is True
-    assert q.feedback("a", 7, 0) is True  # a retry: same verdict, counted as a duplicate
-    assert q.feedback("b", 9, 2) is False
-    assert q.feedback("b", 2, 1) is True
-    assert q.feedback("b", 2, 5) is None  # no such image in that request
-    assert q.feedback("nope", 1, 0) is None
-    q.remember("c", np.array([4]))
-    q.remember("d", np.array([4]))  # only the last 2 requests are remembered
-    assert q.feedback("a", 7, 0) is None
-    assert q.feedback("b", 1, 0) is None
-    assert q.feedback("d", 4, 0) is True
+    fb = Feedback(window=3, max_bytes=2 * (ENTRY_OVERHEAD + 3), rate_per_s=0)
+    a = fb.remember(np.array([7]))
+    b = fb.remember(np.array([1, 2, 3]))
+    assert a != b
+    assert fb.score(a, 7, 0, "x") is True
+    assert fb.score(a, 7, 0, "x") is True  # a retry: same verdict, counted as a duplicate
+    assert fb.score(b, 9, 2, "x") is False
+    assert fb.score(b, 2, 1, "y") is True
+    assert fb.score(b, 2, 5, "x") is None  # no such image in that request
+    assert fb.score("nope", 1, 0, "x") is None
+    fb.remember(np.array([4]))
+    d = fb.remember(np.array([4]))  # the store is bounded by bytes: the oldest are forgotten
+    assert fb.score(b, 1, 0, "x") is None
+    assert fb.score(d, 4, 0, "z") is True
+    assert fb.remembered_bytes <= fb.max_bytes
     reg = CollectorRegistry()
-    reg.register(q)
+    reg.register(fb)
     s = samples(reg)
     counts = {lb["outcome"]: v for lb, v in s["mnist_feedback_total"]}
-    assert counts == {"correct": 3, "incorrect": 1, "duplicate": 1, "unknown_request": 4}
-    # Rolling over the last 3 scored: False, True, True.
+    assert counts == {"correct": 3, "incorrect": 1, "duplicate": 1, "unknown_request": 3, "rate_limited": 0}
+    # Rolling over the last 3 scored: False, True, True, from 3 distinct sources.
     assert s["mnist_production_accuracy"][0][1] == pytest.approx(2 / 3)
     assert s["mnist_production_accuracy_samples"][0][1] == 3
+    assert s["mnist_feedback_sources"][0][1] == 3
+
+
+def test_feedback_is_rate_limited_per_client() -> None:
+    fb = Feedback(window=100, max_bytes=1 << 20, rate_per_s=2)
+    pid = fb.remember(np.zeros(100, np.uint8))
+    results = []
+    for i in range(10):
+        try:
+            results.append(fb.score(pid, 0, i, "attacker"))
+        except TooManyRequests:
+            results.append("429")
+    assert results.count("429") >= 5  # a burst of 4 at most, then about 2 per second
+    assert fb.score(pid, 0, 50, "someone-else") is True  # other clients are not affected
+
+
+def test_one_big_request_adds_a_bounded_share_of_the_drift_window(tiny_model: Model) -> None:
+    q = Quality(10, window=1000)
+    reg = CollectorRegistry()
+    reg.register(q)
+    q.record_batch(tiny_model, np.zeros((4096, 784), np.float32), one_hot(np.zeros(4096, np.int64)), [4096])
+    s = samples(reg)
+    assert s["mnist_drift_window_images"][0][1] == MAX_IMAGES_PER_REQUEST
+    assert s["mnist_drift_window_requests"][0][1] == 1
+    assert s["mnist_predictions_total"][0][1] == 4096  # every image still counts in the class statistics
+    q.record_batch(tiny_model, np.zeros((5, 784), np.float32), one_hot(np.zeros(5, np.int64)), [1, 1, 3])
+    assert samples(reg)["mnist_drift_window_requests"][0][1] == 4
 
 
 def test_quality_exposition_before_and_after_traffic(tiny_model: Model) -> None:
     reg = CollectorRegistry()
-    q = Quality(10, window=100, feedback_window=10)
+    q = Quality(10, window=100)
     reg.register(q)
     s = samples(reg)
     assert [lb["class"] for lb, _ in s["mnist_predictions_total"]] == [str(c) for c in range(10)]
-    assert math.isnan(s["mnist_production_accuracy"][0][1])
     assert {lb["feature"] for lb, _ in s["mnist_drift_score"]} == {"mean_intensity", "predicted_class"}
     probs = one_hot(np.array([3, 3, 5]), confidence=0.95)
     probs[2] = one_hot(np.array([5]), confidence=0.45)[0]
-    q.record_batch(tiny_model, np.zeros((3, 784), np.float32), probs)
+    q.record_batch(tiny_model, np.zeros((3, 784), np.float32), probs, [1, 1, 1])
     s = samples(reg)
     preds = {lb["class"]: v for lb, v in s["mnist_predictions_total"]}
     assert preds == {str(c): {3: 2, 5: 1}.get(c, 0) for c in range(10)}
