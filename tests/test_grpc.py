@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import struct
 import threading
 import time
@@ -31,7 +32,8 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.utils import InferenceServerException
 
-from tests.helpers import DEFAULT_MODEL, ROOT, Server, assert_clean_shutdown, free_port, load_mnist_test, start_server
+from reliability.serverproc import wait_ready
+from tests.helpers import DEFAULT_MODEL, ROOT, Server, assert_clean_shutdown, load_mnist_test, start_server
 from tests.standin import Engine
 
 MODEL = "mnist-mlp"
@@ -44,9 +46,15 @@ CLIENT_ERRORS = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"}
 
 # ---------------------------------------------------------------------------------------------- helpers
 def grpc_server(tmp: Path, *args: str, engine: Engine | None = None) -> tuple[Server, str]:
-    port = free_port()
+    """A server with gRPC on; ready when returned. The gRPC port stays reserved (bound here) until the process
+    is launched, so the launcher cannot pick the same free port for HTTP."""
     launcher = engine.launcher() if engine is not None else ("-m", "service.server")
-    srv = start_server(REPO, tmp, "--no-access-log", "--grpc-port", str(port), *args, launcher=launcher)
+    with socket.socket() as reserved:
+        reserved.bind(("127.0.0.1", 0))
+        port = reserved.getsockname()[1]
+        srv = start_server(REPO, tmp, "--no-access-log", "--grpc-port", str(port), *args, launcher=launcher,
+                           wait_ready=False)  # fmt: skip
+    wait_ready(srv)
     return srv, f"127.0.0.1:{port}"
 
 
@@ -404,7 +412,7 @@ def _hold_one_call(srv: Server, target: str, engine: Engine) -> grpc.Future:
     entered = engine.calls()[0]
     engine.hold()
     first = _submit(target, request(digits_image(1)).SerializeToString())
-    wait_until(lambda: engine.calls()[0] == entered + 1 and engine.held() == 1, "a call held at the gate")
+    wait_until(lambda: engine.calls()[0] == entered + 1 and engine.in_progress() == 1, "a call held at the gate")
     return first
 
 
