@@ -101,7 +101,8 @@ async def hold(gate: Gate, b: Batcher, model: Model) -> asyncio.Task[Result]:
 async def test_idle_request_runs_at_once_alone(batcher: Batcher, model: Model, gate: Gate) -> None:
     probs, queue_s, _, batch_n = await submit(batcher, model, images(1))
     assert probs.shape == (1, 10)
-    assert batch_n == 1 and queue_s >= 0
+    assert batch_n == 1
+    assert queue_s >= 0
     assert len(gate.batches) == 1
 
 
@@ -137,7 +138,8 @@ async def test_full_queue_refuses_at_once_with_retry_after(model: Model, gate: G
         await asyncio.sleep(0)
         with pytest.raises(Overloaded) as err:
             await submit(b, model, images(1))
-        assert err.value.code == "queue_full" and int(err.value.headers["Retry-After"]) >= 1
+        assert err.value.code == "queue_full"
+        assert int(err.value.headers["Retry-After"]) >= 1
         gate.open.set()
         await asyncio.gather(first, *queued)
     finally:
@@ -190,7 +192,8 @@ async def test_engine_error_fails_only_its_batch(batcher: Batcher, model: Model,
     gate.fail_next = True
     with pytest.raises(EngineError) as err:
         await submit(batcher, model, images(1))
-    assert "error id" in err.value.message and "injected" not in err.value.message
+    assert "error id" in err.value.message
+    assert "injected" not in err.value.message
     probs, *_ = await submit(batcher, model, images(1))
     assert probs.shape == (1, 10)
 
