@@ -2,13 +2,15 @@
 
 Steps: convert with tf2onnx, check parity with Keras on the whole test set (fail loudly), compute test accuracy,
 drift reference statistics and golden digits, optionally quantize to int8, write ``model.onnx`` +
-``metadata.json`` (+ ``model.int8.onnx``) atomically, and log them to the training run in MLflow.
+``metadata.json`` (+ ``model.int8.onnx``) into a staging folder, check it loads exactly as the service loads a
+version, rename it into place, log the files to the training run in MLflow and register them as a version of
+the registered model (optionally with aliases such as ``champion``). The promoted version (the one the
+service serves by default) does not move unless ``--promote`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import tempfile
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from export.errors import ExportError
-from training.cli import HelpFormatter
+from training.cli import HelpFormatter, native_logs
 from training.data import DataError, MnistData, file_sha256, load_mnist, to_features
 
 DEFAULT_NAME = "mnist-mlp"
@@ -39,6 +41,11 @@ class ExportConfig:
     tolerance: float = 1e-5
     overwrite: bool = False
     log_to_mlflow: bool = True
+    register: bool = True
+    registered_model: str | None = None
+    aliases: tuple[str, ...] = ()
+    promote: bool = False
+    verbose: bool = False
     command: str = "mnist-export"
 
 
@@ -46,6 +53,9 @@ class ExportConfig:
 class ExportResult:
     folder: Path
     metadata: dict[str, Any]
+    registered: Any = None  # export.mlflow_models.RegisteredVersion when registered in MLflow
+    promoted: bool = False
+    repository: Path = Path("models")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,18 +103,42 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write model.int8.onnx (onnxruntime dynamic quantization, int8 weights)",
     )
-    p.add_argument(
+    out.add_argument(
+        "--promote",
+        action="store_true",
+        help="also make it the promoted version, the one the service serves by default (else: mnist-promote)",
+    )
+    reg = p.add_argument_group("MLflow")
+    reg.add_argument(
         "--no-mlflow",
         dest="log_to_mlflow",
         action="store_false",
-        help="do not log the ONNX files and metrics to the MLflow run",
+        help="do not log the ONNX files and metrics to the MLflow run, nor register them",
     )
+    reg.add_argument(
+        "--no-register",
+        dest="register",
+        action="store_false",
+        help="log the files to the run but do not register them as a model version",
+    )
+    reg.add_argument(
+        "--registered-model", default=None, help="name of the registered model in MLflow (default: --name)"
+    )
+    reg.add_argument(
+        "--alias",
+        dest="aliases",
+        action="append",
+        default=[],
+        help="set this alias (e.g. champion) on the new registered version; repeatable",
+    )
+    p.add_argument("--verbose", action="store_true", help="show TensorFlow's own log lines")
     return p
 
 
 def parse_config(argv: Sequence[str]) -> ExportConfig:
-    ns = build_parser().parse_args(list(argv))
-    return ExportConfig(**vars(ns), command=shlex.join(["mnist-export", *argv]))
+    ns = vars(build_parser().parse_args(list(argv)))
+    ns["aliases"] = tuple(ns["aliases"])
+    return ExportConfig(**ns, command=shlex.join(["mnist-export", *argv]))
 
 
 def _versions() -> dict[str, str]:
@@ -126,6 +160,9 @@ def _versions() -> dict[str, str]:
 def _quantized_block(
     float_path: Path, folder: Path, features: np.ndarray, y_test: np.ndarray, float_labels: np.ndarray
 ) -> dict[str, Any]:
+    import onnxruntime
+
+    from export.accuracy import cpu_description
     from export.parity import onnx_predict
     from export.quantize import QUANTIZED_FILE, WEIGHT_TYPE, quantize
 
@@ -139,15 +176,18 @@ def _quantized_block(
         "test_accuracy": float(np.mean(labels == y_test)),
         "weight_type": WEIGHT_TYPE,
         "label_agreement_with_float": float(np.mean(labels == float_labels)),
+        # int8 kernels differ by instruction set: the figures above hold for this CPU (docs/training.md).
+        "measured_on": {**cpu_description(), "onnxruntime": onnxruntime.__version__},
     }
 
 
 def _log_to_run(run_id: str, folder: Path, meta: dict[str, Any]) -> None:
-    from training.tracking import ONNX_ARTIFACT_DIR, client
+    from export.mlflow_models import artifact_path
+    from training.tracking import client
 
     mlflow_client = client()
     for path in sorted(folder.iterdir()):
-        mlflow_client.log_artifact(run_id, str(path), artifact_path=ONNX_ARTIFACT_DIR)
+        mlflow_client.log_artifact(run_id, str(path), artifact_path=artifact_path(meta["version"]))
     metrics = {
         "onnx_test_accuracy": meta["test_accuracy"],
         "onnx_parity_max_abs_diff": meta["parity"]["max_abs_diff"],
@@ -167,6 +207,7 @@ def run_export(config: ExportConfig, data: MnistData | None = None) -> ExportRes
     from export import metadata, reference
     from export.convert import describe_io, keras_to_onnx
     from export.parity import compare, onnx_predict, require
+    from export.promote import promote
     from export.repository import check_target, next_version, staged_version
     from export.source import resolve
 
@@ -217,10 +258,57 @@ def run_export(config: ExportConfig, data: MnistData | None = None) -> ExportRes
                 quantized=quantized,
             )
             metadata.write(meta, folder)
+            _check_servable(folder, config, version)
     final = config.repository / config.name / str(version)
+    registered = None
     if source.run_id is not None and source.run_reachable and config.log_to_mlflow:
         _log_to_run(source.run_id, final, meta)
-    return ExportResult(folder=final, metadata=meta)
+        if config.register:
+            from export.mlflow_models import register
+
+            registered = register(source.run_id, meta, config.registered_model or config.name, config.aliases)
+    if config.promote:
+        promote(config.repository, config.name, str(version), command=config.command)
+    return ExportResult(final, meta, registered, config.promote, config.repository)
+
+
+def _check_servable(folder: Path, config: ExportConfig, version: int) -> None:
+    """Load the staged version exactly as the service will; a failure leaves nothing behind."""
+    from service.errors import ModelLoadError
+    from service.model import load_model
+    from service.settings import Settings
+
+    try:
+        load_model(folder, Settings.model_validate({"provider": "cpu"}), repository=config.repository,
+                   expected=(config.name, str(version)))  # fmt: skip
+    except ModelLoadError as exc:
+        raise ExportError(f"the exported version does not load as the service loads it: {exc}") from exc
+
+
+def next_steps(repository: Path, name: str, version: str, *, promoted: bool) -> str:
+    """What to do with a new version: try it in a running service, promote it."""
+    from service.errors import ModelLoadError
+    from service.model import promoted_version
+
+    try:
+        current = promoted_version(repository, name)
+    except ModelLoadError:
+        current = None
+    lines = ["next steps:"]
+    if promoted:
+        lines.append(f"  version {version} is now the promoted version: a service started now serves it")
+    else:
+        lines.append(
+            f"  the service still serves the promoted version ({current or 'none yet: the highest version'}) "
+            "by default; to make this one the default:"
+        )
+        lines.append(f"    mnist-promote --repository {repository} --name {name} {version}")
+    lines.append("  load it into a running service without a restart (needs MNIST_ADMIN_TOKEN set there):")
+    lines.append(
+        f'    curl -X POST -H "Authorization: Bearer $MNIST_ADMIN_TOKEN" '
+        f"http://127.0.0.1:8000/admin/models/{name}/versions/{version}/load"
+    )
+    return "\n".join(lines)
 
 
 def summary(result: ExportResult) -> str:
@@ -236,17 +324,25 @@ def summary(result: ExportResult) -> str:
         lines.append(f"int8: {q['file']} test_accuracy={q['test_accuracy']:.4f} size={q['size_bytes']} bytes")
     if meta["mlflow_run_id"]:
         lines.append(f"run_id={meta['mlflow_run_id']}")
+    reg = result.registered
+    if reg is not None:
+        aliases = f" (aliases: {', '.join(reg.aliases)})" if reg.aliases else ""
+        lines.append(f"registered in MLflow as {reg.name} version {reg.version}{aliases}")
+    else:
+        lines.append("not registered in MLflow (no reachable training run, or --no-mlflow / --no-register)")
+    lines.append(next_steps(result.repository, meta["name"], meta["version"], promoted=result.promoted))
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        result = run_export(config)
-    except (ExportError, DataError) as exc:
-        print(f"mnist-export: error: {exc}", file=sys.stderr)
-        return 1
+    with native_logs(config.verbose, "mnist-export") as native:
+        try:
+            result = run_export(config)
+        except (ExportError, DataError) as exc:
+            print(f"mnist-export: error: {exc}", file=sys.stderr)
+            native.failed = True
+            return 1
     print(summary(result))
     return 0
 

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from service.errors import ModelLoadError, NotFound, ServiceError
-from service.model import Model, default_model_name, list_versions, load_model
+from service.model import Model, default_model_name, list_versions, load_model, promoted_version
 from service.settings import Settings
 
 log = logging.getLogger("service.registry")
@@ -30,27 +30,57 @@ class ModelRegistry:
 
     @classmethod
     def load(cls, settings: Settings) -> ModelRegistry:
-        """Load the configured version (and, on request, every other one). Raises ModelLoadError."""
+        """Load the configured version (and, on request, every other one). Raises ModelLoadError.
+
+        ``model_version``: ``promoted`` (the version ``<repo>/<name>/promoted.json`` names; the highest one,
+        with a warning, when the model has no pointer yet), ``latest`` (the highest) or a version number.
+        """
         repo = Path(settings.model_repository)
         name = settings.model_name or default_model_name(repo)
         versions = list_versions(repo, name)
         if not versions:
             raise ModelLoadError(f"model {name!r} has no version folder in {repo}")
-        wanted = versions[-1] if settings.model_version == "latest" else settings.model_version
+        promoted = promoted_version(repo, name)
+        wanted = settings.model_version
+        if wanted == "promoted":
+            if promoted is None:
+                wanted = versions[-1]
+                log.warning(
+                    "no promoted version; serving the highest (promote one with mnist-promote)",
+                    extra={"model": name, "version": wanted},
+                )
+            elif promoted not in versions:
+                raise ModelLoadError(
+                    f"the promoted version {promoted} of {name!r} has no folder in {repo} "
+                    f"(found: {', '.join(versions)}); promote another one with mnist-promote"
+                )
+            else:
+                wanted = promoted
+        elif wanted == "latest":
+            wanted = versions[-1]
         if wanted not in versions:
             raise ModelLoadError(f"model {name!r} has no version {wanted} in {repo} (found: {', '.join(versions)})")
-        registry = cls(settings, name, {wanted: load_model(repo / name / wanted, settings)}, wanted)
+        if promoted is not None and wanted != promoted:
+            log.warning(
+                "serving a version that is not the promoted one",
+                extra={"model": name, "version": wanted, "promoted": promoted},
+            )
+        registry = cls(settings, name, {wanted: load_model(repo / name / wanted, settings, repository=repo)}, wanted)
         if settings.load_all_versions:
             for v in versions:
                 if v != wanted:
                     try:
-                        model = load_model(repo / name / v, settings)
+                        model = load_model(repo / name / v, settings, repository=repo)
                         registry._check_contract(model)
                     except ModelLoadError as exc:
                         log.error("skipping a broken version", extra={"version": v, "reason": str(exc)})
                     else:
                         registry._models[v] = model
         return registry
+
+    def promoted_version(self) -> str | None:
+        """The version the repository's promoted pointer names (None: no pointer). ModelLoadError if malformed."""
+        return promoted_version(Path(self.settings.model_repository), self.name)
 
     @property
     def default(self) -> Model:
@@ -103,16 +133,28 @@ class ModelRegistry:
             folder = Path(self.settings.model_repository) / self.name / version
             if not folder.is_dir():
                 raise NotFound(f"no folder for version {version} of {self.name!r} in the model repository")
-            model = await asyncio.to_thread(load_model, folder, self.settings)
-            if model.name != self.name or model.version != version:
-                raise ModelLoadError(f"metadata names {model.name}/{model.version}, expected {self.name}/{version}")
+            repo = Path(self.settings.model_repository)
+            model = await asyncio.to_thread(load_model, folder, self.settings, repository=repo)
             self._check_contract(model)
             await asyncio.to_thread(model.warm_up, self.settings.largest_batch)
             self._models = {**self._models, version: model}
             if make_default:
                 self._default = model
+                self._warn_if_not_promoted(version)
             log.info("model version loaded", extra={"version": version, "default": make_default})
             return model
+
+    def _warn_if_not_promoted(self, version: str) -> None:
+        try:
+            promoted = self.promoted_version()
+        except ModelLoadError as exc:
+            log.warning("the promoted-version pointer is unreadable", extra={"reason": str(exc)})
+            return
+        if promoted is not None and promoted != version:
+            log.warning(
+                "serving a version that is not the promoted one",
+                extra={"model": self.name, "version": version, "promoted": promoted},
+            )
 
     async def unload_version(self, version: str, *, name: str | None = None) -> Model:
         """Forget a loaded version (not the default one). Requests already queued on it still finish."""

@@ -1,4 +1,4 @@
-"""The report's classifier: 784 -> Dense(512, relu) -> Dropout(0.2) -> Dense(10, softmax), Adam."""
+"""The classifier: 784 -> Dense(512, relu) -> Dropout(0.2) -> Dense(10, softmax), Adam."""
 
 from __future__ import annotations
 
