@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -281,10 +282,9 @@ def test_grpc_port_is_exposed_and_switched_on(target: str) -> None:
     assert all("httpGet" in c[p] for p in ("startupProbe", "readinessProbe", "livenessProbe"))
 
 
-def test_grpc_probes_component_uses_the_grpc_health_service(tmp_path: Path) -> None:
-    """The optional component renders on top of the base, validates, and probes the gRPC port."""
-    import kubernetes_validate
-
+def _render_with_grpc_probes(tmp_path: Path) -> list[dict[str, Any]]:
+    """The base with the optional k8s/components/grpc-probes component, as an overlay would add it."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {
@@ -296,19 +296,56 @@ def test_grpc_probes_component_uses_the_grpc_health_service(tmp_path: Path) -> N
             }
         )
     )
-    proc = subprocess.run(
-        [_kubectl(), "kustomize", str(tmp_path)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    proc = subprocess.run([_kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    deployment = one(docs, "Deployment")
-    kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def test_grpc_probes_component_uses_the_grpc_health_service(tmp_path: Path) -> None:
+    """The optional component renders on top of the base, validates, and probes the gRPC port."""
+    import kubernetes_validate
+
+    docs = _render_with_grpc_probes(tmp_path)
+    kubernetes_validate.validate(one(docs, "Deployment"), K8S_VERSION, strict=True)
     c = container(docs)
     grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
     assert c["livenessProbe"]["grpc"] == {"port": grpc_port, "service": ""}
-    assert c["readinessProbe"]["grpc"]["port"] == grpc_port
+    assert c["readinessProbe"]["grpc"] == {"port": grpc_port, "service": "readiness"}
     assert "httpGet" not in c["livenessProbe"]
     assert "httpGet" not in c["readinessProbe"]
     # Startup stays on HTTP (the model must be loaded before the gRPC server matters).
     assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_every_probe_answers_on_the_real_service(tmp_path: Path) -> None:
+    """The service started with the base ConfigMap's settings (on loopback, free ports) answers each probe
+    the manifests declare: the HTTP ones with 200, the gRPC ones (the component) with SERVING, asked as the
+    kubelet asks them (grpc.health.v1.Health/Check with the probe's service name)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from reliability import serverproc
+
+    http_probes = container(render("base"))
+    grpc_probes = container(_render_with_grpc_probes(tmp_path / "kustomize"))
+    env = {**config(render("base")), "MNIST_HOST": "127.0.0.1", "MNIST_MODEL_REPOSITORY": str(ROOT / "models")}
+    with socket.socket() as reserved:  # held until the launch, so the HTTP port cannot be the same
+        reserved.bind(("127.0.0.1", 0))
+        grpc_port = reserved.getsockname()[1]
+        env["MNIST_GRPC_PORT"] = str(grpc_port)
+        server = serverproc.launch(ROOT / "models", tmp_path / "server.log", "--no-access-log", env=env)
+    try:
+        serverproc.wait_ready(server)
+        with server.client() as client:
+            for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+                resp = client.get(http_probes[name]["httpGet"]["path"])
+                assert resp.status_code == 200, (name, resp.status_code, resp.text)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for name in ("livenessProbe", "readinessProbe"):
+                request = health_pb2.HealthCheckRequest(service=grpc_probes[name]["grpc"]["service"])
+                status = stub.Check(request, timeout=10).status
+                assert status == health_pb2.HealthCheckResponse.SERVING, (name, status)
+    finally:
+        code = server.stop()
+    assert code == 0, server.logs()[-3000:]
