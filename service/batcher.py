@@ -26,11 +26,11 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from service.engine import Computed, Engine, Item, Result, to_float
 from service.errors import ClientDisconnected, DeadlineExceeded, Draining, EngineError, Overloaded
 
 if TYPE_CHECKING:
@@ -41,40 +41,6 @@ log = logging.getLogger("service.batcher")
 
 #: Called after each successful batch with (model, inputs float32 (N, F), probabilities, per-item row counts).
 BatchObserver = Callable[["Model", np.ndarray, np.ndarray, Sequence[int]], None]
-#: What a caller gets: its rows of the output, seconds queued, seconds of the engine call, images in that call.
-Result = tuple[np.ndarray, float, float, int]
-
-
-class _Item:
-    __slots__ = ("deadline", "enqueued", "future", "gone", "images", "model", "n", "why")
-
-    def __init__(self, images: np.ndarray, model: Model, future: asyncio.Future[Result], enqueued: float,
-                 deadline: float, why: str, gone: Callable[[], bool] | None) -> None:  # fmt: skip
-        self.images, self.model, self.future, self.n = images, model, future, images.shape[0]
-        self.enqueued, self.deadline, self.why, self.gone = enqueued, deadline, why, gone
-
-
-def scale_of(model: Model) -> np.float32:
-    scale = getattr(model, "scale", None)
-    if scale is None:
-        scale = float(model.metadata["preprocessing"].get("scale", 1 / 255))
-    return np.float32(scale)
-
-
-def to_float(items: Sequence[_Item]) -> np.ndarray:
-    """One float32 (N, F) array for the engine; uint8 pixels are scaled by the model's preprocessing."""
-    first = items[0]
-    if len(items) == 1 and first.images.dtype == np.float32:
-        return first.images
-    out = np.empty((sum(it.n for it in items), first.images.shape[1]), dtype=np.float32)
-    row = 0
-    for it in items:
-        if it.images.dtype == np.uint8:
-            np.multiply(it.images, scale_of(it.model), out=out[row : row + it.n], casting="unsafe")
-        else:
-            out[row : row + it.n] = it.images
-        row += it.n
-    return out
 
 
 class Batcher:
@@ -99,20 +65,15 @@ class Batcher:
         self._limits = (max_queue_images, max_bulk_queue_images or max_queue_images)
         self._metrics = metrics
         self._observer = observer
-        self._queues: tuple[deque[_Item], deque[_Item]] = (deque(), deque())  # interactive, bulk
+        self._queues: tuple[deque[Item], deque[Item]] = (deque(), deque())  # interactive, bulk
         self._queued = [0, 0]
         self._running = [0, 0]  # engine calls in flight: interactive (0 or 1), bulk
-        self._pools = (
-            ThreadPoolExecutor(1, thread_name_prefix="engine"),
-            ThreadPoolExecutor(self.bulk_parallel, thread_name_prefix="engine-bulk"),
-        )
+        self.engine = Engine(self.bulk_parallel)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._accepting = True
-        # Measured engine cost: seconds per call by power-of-two batch size, per model (warm-up fills it).
-        self._costs: dict[int, dict[int, float]] = {}
         self._sec_per_image = 2e-5  # for Retry-After and deadline admission (exponentially weighted)
         self.inline_max_s = 0.0  # the longest batch run on the event loop so far (the loop's worst stall)
 
@@ -139,36 +100,15 @@ class Batcher:
             self._timer.cancel()
         for q in self._queues:
             while q:
-                self._resolve_error(q.popleft(), Draining())
-        for pool in self._pools:
-            pool.shutdown(wait=True)
+                if not (it := q.popleft()).future.done():
+                    it.future.set_exception(Draining())
+        self.engine.shutdown()
 
     @property
     def busy(self) -> bool:
         return bool(self._queued[0] or self._queued[1] or self._running[0] or self._running[1])
 
-    # ----------------------------------------------------------------- engine cost
-    def calibrate(self, model: Model, sizes: Sequence[int], rounds: int = 5) -> dict[int, float]:
-        """Time the engine at each batch size (median of ``rounds``); run in a thread at warm-up."""
-        x = np.zeros((max(sizes), model.n_features), dtype=np.float32)
-        table: dict[int, float] = {}
-        for n in sizes:
-            times = []
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                model.run(x[:n])
-                times.append(time.perf_counter() - t0)
-            table[n] = sorted(times)[rounds // 2]
-        self._costs[id(model)] = table
-        return table
-
-    def _cost(self, model: Model, n: int) -> float | None:
-        table = self._costs.get(id(model))
-        if not table:
-            return None
-        size = next((s for s in sorted(table) if s >= n), None)
-        return table[size] if size is not None else None
-
+    # ----------------------------------------------------------------- admission
     def estimate_wait_s(self, images: int, *, bulk: bool) -> float:
         """Expected time until ``images`` more images would be done, from the measured engine cost."""
         ahead = self._queued[0] + (self._queued[1] if bulk else 0) + images
@@ -189,9 +129,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = loop.time()
         step = self.bulk_chunk_images if bulk else n
-        items = [
-            self._enqueue(loop, model, images[i : i + step], bulk, now, deadline, why, gone) for i in range(0, n, step)
-        ]
+        items = [self._enqueue(loop, model, images[i : i + step], bulk, now, deadline, why, gone)
+                 for i in range(0, n, step)]  # fmt: skip
         self._wakeup.set()
         if deadline < self._timer_at:
             self._arm(loop, deadline)
@@ -228,8 +167,8 @@ class Batcher:
             )
 
     def _enqueue(self, loop: asyncio.AbstractEventLoop, model: Model, images: np.ndarray, bulk: bool, now: float,
-                 deadline: float, why: str, gone: Callable[[], bool] | None) -> _Item:  # fmt: skip
-        item = _Item(images, model, loop.create_future(), now, deadline, why, gone)
+                 deadline: float, why: str, gone: Callable[[], bool] | None) -> Item:  # fmt: skip
+        item = Item(images, model, loop.create_future(), now, deadline, why, gone)
         q = 1 if bulk else 0
         self._queues[q].append(item)
         self._queued[q] += item.n
@@ -250,36 +189,33 @@ class Batcher:
         now = loop.time()
         earliest = float("inf")
         for qi, q in enumerate(self._queues):
-            if not q:
-                continue
-            keep: deque[_Item] = deque()
-            for it in q:
-                if it.future.done() or it.deadline <= now:
-                    self._dequeued(qi, it)
-                    self._expire(it)
-                else:
-                    keep.append(it)
-                    earliest = min(earliest, it.deadline)
-            q.clear()
-            q.extend(keep)
+            keep = [it for it in q if not (it.future.done() or it.deadline <= now)]
+            if len(keep) < len(q):  # one pass, rebuilt: no O(n) removals from the middle of a deque
+                for it in q:
+                    if it.future.done() or it.deadline <= now:
+                        self._dequeued(qi, it)
+                        self._expire(it)
+                q.clear()
+                q.extend(keep)
+            earliest = min([earliest, *(it.deadline for it in q)])
         if earliest < float("inf"):
             self._arm(loop, earliest)
 
-    def _expire(self, it: _Item) -> None:
+    def _expire(self, it: Item) -> None:
         if not it.future.done():
             self._metrics.dropped["timeout"].inc()
             it.future.set_exception(DeadlineExceeded(f"the request waited longer than {it.why}"))
 
-    def _dequeued(self, qi: int, it: _Item) -> None:
+    def _dequeued(self, qi: int, it: Item) -> None:
         self._queued[qi] -= it.n
         self._metrics.queue_depth[qi].dec(it.n)
 
     # ----------------------------------------------------------------- consumer
-    def _take(self, qi: int, limit: int, now: float) -> list[_Item]:
+    def _take(self, qi: int, limit: int, now: float) -> list[Item]:
         """Pop up to ``limit`` images of one model (a bigger item goes alone); callers that are gone or past
         their deadline are answered and dropped before compute."""
         q = self._queues[qi]
-        batch: list[_Item] = []
+        batch: list[Item] = []
         size = 0
         while q:
             it = q[0]
@@ -317,7 +253,7 @@ class Batcher:
             batch = self._take(0, self.max_batch_size, loop.time())
             if batch:
                 n = sum(it.n for it in batch)
-                cost = self._cost(batch[0].model, n)
+                cost = self.engine.cost(batch[0].model, n)
                 if not self._running[1] and cost is not None and cost <= self.inline_budget_s:
                     self._inline(loop, batch)
                 else:
@@ -329,7 +265,7 @@ class Batcher:
                 break
             self._launch(loop, 1, batch)
 
-    def _inline(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+    def _inline(self, loop: asyncio.AbstractEventLoop, batch: list[Item]) -> None:
         started = loop.time()
         start = time.perf_counter()
         try:
@@ -344,24 +280,13 @@ class Batcher:
         self._deliver(batch, x, probs, started, seconds)
         self._observe(batch, x, probs)
 
-    def _launch(self, loop: asyncio.AbstractEventLoop, qi: int, batch: list[_Item]) -> None:
+    def _launch(self, loop: asyncio.AbstractEventLoop, qi: int, batch: list[Item]) -> None:
         start = loop.time()
         self._running[qi] += 1
-        fut = asyncio.wrap_future(self._pools[qi].submit(self._compute, batch), loop=loop)
+        fut = self.engine.launch(qi, batch, loop)
         fut.add_done_callback(lambda f: self._finish(qi, batch, start, f))
 
-    def _compute(self, batch: list[_Item]) -> tuple[np.ndarray, np.ndarray, float] | None:
-        """In an engine thread: skip the work if every caller has hung up since the hand-over."""
-        if all(it.future.done() or (it.gone is not None and it.gone()) for it in batch):
-            return None
-        x = to_float(batch)
-        t0 = time.perf_counter()
-        probs = batch[0].model.run(x)
-        return x, probs, time.perf_counter() - t0
-
-    def _finish(self, qi: int, batch: list[_Item], start: float, done: asyncio.Future[
-        tuple[np.ndarray, np.ndarray, float] | None
-    ]) -> None:  # fmt: skip
+    def _finish(self, qi: int, batch: list[Item], start: float, done: asyncio.Future[Computed]) -> None:
         self._running[qi] -= 1
         self._wakeup.set()
         exc = done.exception()
@@ -378,9 +303,9 @@ class Batcher:
         x, probs, seconds = out
         self._deliver(batch, x, probs, start, seconds)
         if self._observer is not None:  # quality statistics: after the callers have their results
-            self._pools[qi].submit(self._observe, batch, x, probs)
+            self.engine.background(qi, self._observe, batch, x, probs)
 
-    def _deliver(self, batch: list[_Item], x: np.ndarray, probs: np.ndarray, started: float, seconds: float) -> None:
+    def _deliver(self, batch: list[Item], x: np.ndarray, probs: np.ndarray, started: float, seconds: float) -> None:
         """Hand each caller its rows. ``started``: when the batch left the queue (``loop.time()``)."""
         n = x.shape[0]
         self._sec_per_image += 0.1 * (seconds / n - self._sec_per_image)
@@ -394,7 +319,7 @@ class Batcher:
             row += it.n
         self._metrics.observe_batch(batch[0].model, n, seconds, waits)
 
-    def _observe(self, batch: list[_Item], x: np.ndarray, probs: np.ndarray) -> None:
+    def _observe(self, batch: list[Item], x: np.ndarray, probs: np.ndarray) -> None:
         if self._observer is None:
             return
         try:
@@ -402,16 +327,12 @@ class Batcher:
         except Exception:
             log.exception("batch observer failed")
 
-    def _fail(self, batch: list[_Item], exc: BaseException) -> None:
+    def _fail(self, batch: list[Item], exc: BaseException) -> None:
         """An error in one batch fails only that batch's callers, with a generic message; logged once."""
         error_id = uuid.uuid4().hex[:12]
         log.error("inference failed for a batch",
                   extra={"error_id": error_id, "batch_images": sum(it.n for it in batch)}, exc_info=exc)  # fmt: skip
         self._metrics.dropped["engine_error"].inc(len(batch))
         for it in batch:
-            self._resolve_error(it, EngineError(error_id))
-
-    @staticmethod
-    def _resolve_error(it: _Item, exc: Exception) -> None:
-        if not it.future.done():
-            it.future.set_exception(exc)
+            if not it.future.done():
+                it.future.set_exception(EngineError(error_id))

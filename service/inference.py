@@ -189,7 +189,7 @@ class Core:
         sizes = sorted(
             {min(1 << i, self.settings.max_batch_size) for i in range(self.settings.max_batch_size.bit_length())}
         )
-        costs = await asyncio.to_thread(self.state.batcher.calibrate, model, sizes)
+        costs = await asyncio.to_thread(self.state.batcher.engine.calibrate, model, sizes)
         log.info("engine cost measured", extra={"model": model.name, "version": model.version,
                                                 "engine_us": {str(n): round(c * 1e6, 1) for n, c in costs.items()}})  # fmt: skip
 

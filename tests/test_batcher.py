@@ -290,7 +290,7 @@ async def test_a_batch_measured_cheap_runs_inline_and_an_expensive_one_in_a_thre
     b = make_batcher(inline_budget_s=1.0)  # everything is "cheap" under a 1 s budget
     b.start()
     try:
-        b.calibrate(model, [1, 2, 4, 8])
+        b.engine.calibrate(model, [1, 2, 4, 8])
         gate.batches.clear()
         gate.threads.clear()
         await submit(b, model, images(1))

@@ -1,0 +1,110 @@
+"""The engine side of batching: the unit of work, float conversion, the engine threads and the measured cost.
+
+Two lanes of threads run ONNX Runtime calls: one thread for interactive batches (one call at a time, so later
+arrivals batch up behind it) and ``bulk_parallel`` threads for bulk chunks. uint8 pixels are scaled to float32
+on those threads, never on the event loop. ``calibrate`` times the engine per batch size at warm-up; a batch
+whose measured cost is under the inline budget may run on the event loop instead (service/batcher.py decides).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from service.model import Model
+
+#: What a caller gets: its rows of the output, seconds queued, seconds of the engine call, images in that call.
+Result = tuple[np.ndarray, float, float, int]
+#: A finished engine call: (inputs as float32, probabilities, seconds), or None when skipped.
+Computed = tuple[np.ndarray, np.ndarray, float] | None
+
+
+class Item:
+    __slots__ = ("deadline", "enqueued", "future", "gone", "images", "model", "n", "why")
+
+    def __init__(self, images: np.ndarray, model: Model, future: asyncio.Future[Result], enqueued: float,
+                 deadline: float, why: str, gone: Callable[[], bool] | None) -> None:  # fmt: skip
+        self.images, self.model, self.future, self.n = images, model, future, images.shape[0]
+        self.enqueued, self.deadline, self.why, self.gone = enqueued, deadline, why, gone
+
+
+def scale_of(model: Model) -> np.float32:
+    scale = getattr(model, "scale", None)
+    if scale is None:
+        scale = float(model.metadata["preprocessing"].get("scale", 1 / 255))
+    return np.float32(scale)
+
+
+def to_float(items: Sequence[Item]) -> np.ndarray:
+    """One float32 (N, F) array for the engine; uint8 pixels are scaled by the model's preprocessing."""
+    first = items[0]
+    if len(items) == 1 and first.images.dtype == np.float32:
+        return first.images
+    out = np.empty((sum(it.n for it in items), first.images.shape[1]), dtype=np.float32)
+    row = 0
+    for it in items:
+        if it.images.dtype == np.uint8:
+            np.multiply(it.images, scale_of(it.model), out=out[row : row + it.n], casting="unsafe")
+        else:
+            out[row : row + it.n] = it.images
+        row += it.n
+    return out
+
+
+class Engine:
+    """The engine threads (an interactive lane and a bulk lane) and the measured cost per batch size."""
+
+    def __init__(self, bulk_parallel: int) -> None:
+        self.pools = (
+            ThreadPoolExecutor(1, thread_name_prefix="engine"),
+            ThreadPoolExecutor(max(1, bulk_parallel), thread_name_prefix="engine-bulk"),
+        )
+        self._costs: dict[int, dict[int, float]] = {}  # id(model) -> batch size -> seconds
+
+    def calibrate(self, model: Model, sizes: Sequence[int], rounds: int = 5) -> dict[int, float]:
+        """Time the engine at each batch size (median of ``rounds``); run in a thread at warm-up."""
+        x = np.zeros((max(sizes), model.n_features), dtype=np.float32)
+        table: dict[int, float] = {}
+        for n in sizes:
+            times = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                model.run(x[:n])
+                times.append(time.perf_counter() - t0)
+            table[n] = sorted(times)[rounds // 2]
+        self._costs[id(model)] = table
+        return table
+
+    def cost(self, model: Model, n: int) -> float | None:
+        """The measured seconds of a batch of ``n`` (the next calibrated size up); None if unmeasured."""
+        table = self._costs.get(id(model))
+        if not table:
+            return None
+        size = next((s for s in sorted(table) if s >= n), None)
+        return table[size] if size is not None else None
+
+    def launch(self, lane: int, batch: list[Item], loop: asyncio.AbstractEventLoop) -> asyncio.Future[Computed]:
+        return asyncio.wrap_future(self.pools[lane].submit(compute, batch), loop=loop)
+
+    def background(self, lane: int, fn: Callable[..., object], *args: object) -> None:
+        self.pools[lane].submit(fn, *args)
+
+    def shutdown(self) -> None:
+        for pool in self.pools:
+            pool.shutdown(wait=True)
+
+
+def compute(batch: list[Item]) -> Computed:
+    """In an engine thread: one call for the batch, skipped if every caller has hung up since the hand-over."""
+    if all(it.future.done() or (it.gone is not None and it.gone()) for it in batch):
+        return None
+    x = to_float(batch)
+    t0 = time.perf_counter()
+    probs = batch[0].model.run(x)
+    return x, probs, time.perf_counter() - t0
