@@ -1,19 +1,22 @@
-"""Deployment targets, checked offline: the Cloud Run service YAML against the fields and limits Cloud Run
-documents, the ECS task definition, service and ALB target group against the AWS service model itself
-(botocore's parameter validation of the API inputs, no network), and every manifest against the image the
-Dockerfiles build (port, user, health routes of the real app).
+"""Deployment targets, checked offline: the Cloud Run service YAML against the Cloud Run Admin API's own
+schema and the limits Cloud Run documents, the ECS task definition, service and ALB target group against the
+AWS service model itself (botocore's parameter validation of the API inputs, no network), and every manifest
+against the image the Dockerfiles build (port, user, health routes of the real app).
 
-Where the Cloud Run rules come from (the Cloud Run documentation, read 2026-12): the service YAML reference
-(Cloud Run Admin API v1, `serving.knative.dev/v1` Service: the fields below are the ones it lists); "Configure
-CPU limits" (fractional CPU 0.08-1, else 1, 2, 4, 6 or 8; below 1 CPU: concurrency 1 and first generation);
-"Configure memory limits" (the per-CPU memory ranges: 1 CPU 128 MiB-4 GiB, 2 CPU 128 MiB-8 GiB, 4 CPU 2-16 GiB,
-6 CPU 4-24 GiB, 8 CPU 4-32 GiB; second generation at least 512 MiB); "Maximum concurrent requests" (1-1000);
-"Request timeout" (1-3600 s); "Configure container health checks" (HTTP/gRPC/TCP startup probes, HTTP/gRPC
-liveness probes; initialDelaySeconds 0-240, periodSeconds 1-240, timeoutSeconds 1-240 and not above
-periodSeconds, startup window failureThreshold x periodSeconds at most 240 s); "Container runtime contract"
-(one ingress port, named http1 or h2c; PORT, K_SERVICE, K_REVISION, K_CONFIGURATION are reserved; SIGTERM, then
-SIGKILL 10 s later); "Execution environments" (gen1, gen2); "Startup CPU boost"; "Ingress" (all, internal,
-internal-and-cloud-load-balancing); "Minimum/maximum instances" (non-negative integers, as strings).
+Cloud Run, two layers:
+1. Structure: the Service schema of the Cloud Run Admin API v1 discovery document (`run.v1.json`, shipped by
+   google-api-python-client in googleapiclient/discovery_cache/documents), turned into a JSON Schema:
+   every field name and type, unknown fields rejected. The same document's field descriptions state the
+   limits used below where they give them (probe ranges, timeoutSeconds below periodSeconds, successThreshold
+   1, one port named http1 or h2c, request timeout at most 3600 s).
+2. Limits: a JSON Schema written here from the Cloud Run documentation (read 2026-12): "Configure CPU limits"
+   (fractional CPU 0.08-1, else 1, 2, 4, 6 or 8; below 1 CPU: concurrency 1 and first generation);
+   "Configure memory limits" (1 CPU 128 MiB-4 GiB, 2 CPU 128 MiB-8 GiB, 4 CPU 2-16 GiB, 6 CPU 4-24 GiB, 8 CPU
+   4-32 GiB; second generation at least 512 MiB); "Maximum concurrent requests" (1-1000); "Configure container
+   health checks" (HTTP/gRPC/TCP startup probes, HTTP/gRPC liveness probes, no exec); "Container runtime
+   contract" (PORT, K_SERVICE, K_REVISION, K_CONFIGURATION are reserved; SIGTERM, then SIGKILL 10 s later);
+   "Execution environments" (gen1, gen2); "Startup CPU boost"; "Ingress" (all, internal,
+   internal-and-cloud-load-balancing); minimum/maximum instances (non-negative integers, as strings).
 """
 
 from __future__ import annotations
@@ -120,12 +123,18 @@ def test_kubernetes_runs_the_image_as_built(target: str) -> None:
 
 # --------------------------------------------------------------------------- Cloud Run
 
-_PROBE_COMMON = {
-    "initialDelaySeconds": {"type": "integer", "minimum": 0, "maximum": 240},
-    "periodSeconds": {"type": "integer", "minimum": 1, "maximum": 240},
-    "timeoutSeconds": {"type": "integer", "minimum": 1, "maximum": 240},
-    "failureThreshold": {"type": "integer", "minimum": 1},
-}
+
+def _probe_fields(max_s: int) -> dict[str, Any]:
+    """Probe fields and ranges (run.v1 Probe: startup up to 240 s, liveness up to 3600 s)."""
+    return {
+        "initialDelaySeconds": {"type": "integer", "minimum": 0, "maximum": max_s},
+        "periodSeconds": {"type": "integer", "minimum": 1, "maximum": max_s},
+        "timeoutSeconds": {"type": "integer", "minimum": 1, "maximum": 3600},
+        "failureThreshold": {"type": "integer", "minimum": 1},
+        "successThreshold": {"const": 1},
+    }
+
+
 _HTTP_GET = {
     "type": "object",
     "additionalProperties": False,
@@ -144,11 +153,11 @@ _GRPC = {
 _TCP = {"type": "object", "additionalProperties": False, "properties": {"port": {"type": "integer"}}}
 
 
-def _probe(kinds: dict[str, Any]) -> dict[str, Any]:
+def _probe(kinds: dict[str, Any], max_s: int) -> dict[str, Any]:
     return {
         "type": "object",
         "additionalProperties": False,
-        "properties": {**_PROBE_COMMON, **kinds},
+        "properties": {**_probe_fields(max_s), **kinds},
         "minProperties": 1,
         "oneOf": [{"required": [k]} for k in kinds],
     }
@@ -289,9 +298,9 @@ CLOUD_RUN_SCHEMA: dict[str, Any] = {
                                             },
                                             "volumeMounts": {"type": "array"},
                                             "startupProbe": _probe(
-                                                {"httpGet": _HTTP_GET, "grpc": _GRPC, "tcpSocket": _TCP}
+                                                {"httpGet": _HTTP_GET, "grpc": _GRPC, "tcpSocket": _TCP}, 240
                                             ),
-                                            "livenessProbe": _probe({"httpGet": _HTTP_GET, "grpc": _GRPC}),
+                                            "livenessProbe": _probe({"httpGet": _HTTP_GET, "grpc": _GRPC}, 3600),
                                         },
                                     },
                                 },
@@ -326,10 +335,45 @@ def _mib(quantity: str) -> float:
     return float(m[1]) * (1024 if m[2] == "Gi" else 1)
 
 
+def _from_discovery(schema: dict[str, Any]) -> dict[str, Any]:
+    """One discovery-document schema as JSON Schema (objects closed: unknown fields are errors)."""
+    if "$ref" in schema:
+        return {"$ref": f"#/$defs/{schema['$ref']}"}
+    kind = schema.get("type", "any")
+    if kind == "object" and "properties" in schema:
+        props = {k: _from_discovery(v) for k, v in schema["properties"].items()}
+        return {"type": "object", "properties": props, "additionalProperties": False}
+    if kind == "object":
+        return {"type": "object", "additionalProperties": _from_discovery(schema.get("additionalProperties", {}))}
+    if kind == "array":
+        return {"type": "array", "items": _from_discovery(schema["items"])}
+    if kind in ("string", "integer", "boolean", "number"):
+        out: dict[str, Any] = {"type": kind}
+        if "enum" in schema:
+            out["enum"] = schema["enum"]
+        return out
+    return {}
+
+
+def cloud_run_api_schema() -> dict[str, Any]:
+    """The Service of the Cloud Run Admin API v1, from its discovery document (no network)."""
+    import importlib.resources
+
+    path = importlib.resources.files("googleapiclient") / "discovery_cache" / "documents" / "run.v1.json"
+    discovery = json.loads(path.read_text())
+    assert (discovery["name"], discovery["version"]) == ("run", "v1")
+    defs = {name: _from_discovery(schema) for name, schema in discovery["schemas"].items()}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$defs": defs, "$ref": "#/$defs/Service"}
+
+
+_API_VALIDATOR = jsonschema.Draft202012Validator(cloud_run_api_schema())
+_LIMITS_VALIDATOR = jsonschema.Draft202012Validator(CLOUD_RUN_SCHEMA)
+
+
 def cloudrun_problems(doc: dict[str, Any]) -> list[str]:
-    """Everything wrong with a Cloud Run service document, by the documented fields and limits."""
-    validator = jsonschema.Draft202012Validator(CLOUD_RUN_SCHEMA)
-    problems = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    """Everything wrong with a Cloud Run service document: the API's schema, then the documented limits."""
+    problems = [f"API: {'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _API_VALIDATOR.iter_errors(doc)]
+    problems += [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _LIMITS_VALIDATOR.iter_errors(doc)]
     if problems:
         return problems
     template = doc["spec"]["template"]
@@ -365,11 +409,8 @@ def cloudrun_problems(doc: dict[str, Any]) -> list[str]:
             probe = c.get(name)
             if probe is None:
                 continue
-            period = probe.get("periodSeconds", 10)
-            if probe.get("timeoutSeconds", 1) > period:
-                problems.append(f"{name}: timeoutSeconds above periodSeconds")
-            if name == "startupProbe" and probe.get("failureThreshold", 3) * period > 240:
-                problems.append(f"{name}: failureThreshold x periodSeconds above 240 s")
+            if probe.get("timeoutSeconds", 1) >= probe.get("periodSeconds", 10):
+                problems.append(f"{name}: timeoutSeconds must be smaller than periodSeconds")
     return problems
 
 
@@ -404,6 +445,20 @@ def test_cloudrun_service_follows_the_documented_fields_and_limits() -> None:
     assert doc["metadata"]["namespace"] == "my-project"
     assert doc["metadata"]["labels"]["cloud.googleapis.com/location"] == "europe-west4"
     assert _cloudrun_container(doc)["image"] == FAKE_IMAGE
+
+
+def test_cloudrun_api_schema_is_the_real_one() -> None:
+    """The discovery document's Service schema, on its own, knows the fields (and rejects a typo)."""
+    schema = cloud_run_api_schema()
+    assert {"containerConcurrency", "timeoutSeconds", "serviceAccountName", "containers"} <= set(
+        schema["$defs"]["RevisionSpec"]["properties"]
+    )
+    assert list(_API_VALIDATOR.iter_errors(cloudrun_doc())) == []
+    typo = {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "metadata": {"name": "x"},
+            "spec": {"template": {"spec": {"containers": [{"imag": "x"}]}}}}  # fmt: skip
+    assert [e.message for e in _API_VALIDATOR.iter_errors(typo)] == [
+        "Additional properties are not allowed ('imag' was unexpected)"
+    ]
 
 
 def test_cloudrun_runs_the_image_as_built() -> None:
@@ -481,9 +536,12 @@ CLOUDRUN_BREAKAGES = {
     "a second port": _set(f"{_C}.ports", [{"containerPort": 8000}, {"containerPort": 8001}]),
     "port name grpc": _set(f"{_C}.ports.0.name", "grpc"),
     "reserved PORT variable": _set(f"{_C}.env.0.name", "PORT"),
-    "probe timeout above its period": _set(f"{_C}.livenessProbe.timeoutSeconds", 20),
-    "startup window above 240 s": _set(f"{_C}.startupProbe.failureThreshold", 200),
-    "readiness probe (Cloud Run has none)": _set(f"{_C}.readinessProbe", {"httpGet": {"path": "/readyz"}}),
+    "probe timeout not below its period": _set(f"{_C}.livenessProbe.timeoutSeconds", 10),
+    "startup probe period above 240 s": _set(f"{_C}.startupProbe.periodSeconds", 300),
+    "exec probe (not supported)": _set(f"{_C}.livenessProbe", {"exec": {"command": ["true"]}}),
+    "unknown container field": _set(f"{_C}.securityContexts", {}),
+    "concurrency as a string": _set("spec.template.spec.containerConcurrency", "64"),
+    "env value as a number": _set(f"{_C}.env.0.value", 8000),
     "TCP liveness probe": _set(f"{_C}.livenessProbe", {"tcpSocket": {"port": 8000}}),
     "unknown execution environment": _annotation("run.googleapis.com/execution-environment", "gen3"),
     "minScale above maxScale": _annotation("autoscaling.knative.dev/minScale", "50"),
