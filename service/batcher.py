@@ -76,6 +76,9 @@ class Batcher:
         self._accepting = True
         self._sec_per_image = 2e-5  # for Retry-After and deadline admission (exponentially weighted)
         self.inline_max_s = 0.0  # the longest batch run on the event loop so far (the loop's worst stall)
+        self._pending: list[tuple[list[Item], np.ndarray, np.ndarray]] = []  # inline batches not yet observed
+        self._pending_rows = 0
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -98,6 +101,7 @@ class Batcher:
             self._task = None
         if self._timer is not None:
             self._timer.cancel()
+        self._flush_observations()
         for q in self._queues:
             while q:
                 if not (it := q.popleft()).future.done():
@@ -278,7 +282,25 @@ class Batcher:
         self.inline_max_s = max(self.inline_max_s, seconds)
         self._metrics.inline_batches.inc()
         self._deliver(batch, x, probs, started, seconds)
-        self._observe(batch, x, probs)
+        if self._observer is not None:  # observed later, many inline batches at a time, off the event loop
+            self._pending.append((batch, x, probs))
+            self._pending_rows += x.shape[0]
+            if self._pending_rows >= 64:
+                self._flush_observations()
+            elif self._flush_timer is None:
+                self._flush_timer = loop.call_later(0.25, self._flush_observations)
+
+    def _flush_observations(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        if pending:
+            self.engine.background(0, self._observe_all, pending)
+
+    def _observe_all(self, pending: list[tuple[list[Item], np.ndarray, np.ndarray]]) -> None:
+        for batch, x, probs in pending:
+            self._observe(batch, x, probs)
 
     def _launch(self, loop: asyncio.AbstractEventLoop, qi: int, batch: list[Item]) -> None:
         start = loop.time()

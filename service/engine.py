@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -65,7 +66,8 @@ class Engine:
             ThreadPoolExecutor(1, thread_name_prefix="engine"),
             ThreadPoolExecutor(max(1, bulk_parallel), thread_name_prefix="engine-bulk"),
         )
-        self._costs: dict[int, dict[int, float]] = {}  # id(model) -> batch size -> seconds
+        # id(model) -> (weak reference to the model, batch size -> seconds): unloaded models are not kept alive
+        self._costs: dict[int, tuple[weakref.ref[Model], dict[int, float]]] = {}
 
     def calibrate(self, model: Model, sizes: Sequence[int], rounds: int = 5) -> dict[int, float]:
         """Time the engine at each batch size (median of ``rounds``); run in a thread at warm-up."""
@@ -78,14 +80,16 @@ class Engine:
                 model.run(x[:n])
                 times.append(time.perf_counter() - t0)
             table[n] = sorted(times)[rounds // 2]
-        self._costs[id(model)] = table
+        live = {k: v for k, v in self._costs.items() if v[0]() is not None}
+        self._costs = live | {id(model): (weakref.ref(model), table)}
         return table
 
     def cost(self, model: Model, n: int) -> float | None:
         """The measured seconds of a batch of ``n`` (the next calibrated size up); None if unmeasured."""
-        table = self._costs.get(id(model))
-        if not table:
+        entry = self._costs.get(id(model))
+        if entry is None or entry[0]() is not model:
             return None
+        table = entry[1]
         size = next((s for s in sorted(table) if s >= n), None)
         return table[size] if size is not None else None
 

@@ -10,10 +10,11 @@ methods and the statuses the service emits, drop reasons, queues, classes) is in
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -62,11 +63,19 @@ class NumpyHistogram:
         self.bounds = np.asarray(bounds, dtype=np.float64)
         if self.bounds.ndim != 1 or len(self.bounds) == 0 or np.any(np.diff(self.bounds) <= 0):
             raise ValueError("histogram bounds must be a non-empty, strictly increasing sequence")
+        self._bounds = [float(b) for b in self.bounds]
         self._counts = np.zeros(len(bounds) + 1, dtype=np.int64)
         self._sum = 0.0
         self._lock = threading.Lock()
 
     def observe_many(self, values: np.ndarray | Sequence[float]) -> None:
+        if isinstance(values, list) and len(values) <= 16:  # a few values: cheaper without NumPy
+            bounds = self._bounds
+            with self._lock:
+                for value in values:
+                    self._counts[bisect.bisect_left(bounds, value)] += 1
+                    self._sum += value
+            return
         v = np.asarray(values, dtype=np.float64).ravel()
         if v.size == 0:
             return
@@ -169,6 +178,7 @@ class Metrics:
         self.ready = Gauge(
             "mnist_ready", "1 when the model is loaded and warm and the service is not draining.", registry=r
         )
+        self._per_model: dict[int, tuple[Any, Any]] = {}  # id(model) -> (images, batches) children
         uptime = Gauge("mnist_uptime_seconds", "Seconds since the service started.", registry=r)
         uptime.set_function(lambda: time.time() - self.started)
 
@@ -177,11 +187,17 @@ class Metrics:
         self.batch_size.observe(n)
         self.inference.observe(seconds)
         self.queue_wait.observe_many(waits)
-        self.images.labels(model.name, model.version).inc(n)
-        self.batches.labels(model.name, model.version).inc()
+        children = self._per_model.get(id(model))
+        if children is None:
+            children = self._per_model[id(model)] = (
+                self.images.labels(model.name, model.version), self.batches.labels(model.name, model.version)
+            )  # fmt: skip
+        children[0].inc(n)
+        children[1].inc()
 
     def set_models(self, models: Iterable[Model], default: Model) -> None:
         """Publish the loaded versions (``mnist_model_info``) and initialise their per-model counters."""
+        self._per_model.clear()  # ids of unloaded models may be reused
         self.model_info.clear()
         for m in models:
             self.model_info.labels(m.name, m.version, m.sha256, m.provider).set(1 if m is default else 0)
