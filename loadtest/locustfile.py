@@ -93,7 +93,7 @@ def _bulk(n: int) -> tuple[np.ndarray, np.ndarray | None]:
 
 class _Base(FastHttpUser):
     abstract = True
-    last_request_id: str | None = None
+    last_prediction_id: str | None = None
     last_label: int | None = None
 
     def _post(self, path: str, body: bytes, headers: dict[str, str], name: str) -> Any:
@@ -108,7 +108,7 @@ class _Base(FastHttpUser):
         elif expected is not None and label != expected:
             resp.failure(f"golden digit answered {label}, expected {expected}")  # type: ignore[attr-defined]
         else:
-            self.last_request_id, self.last_label = doc.get("request_id"), expected
+            self.last_prediction_id, self.last_label = doc.get("prediction_id"), expected
 
     def predict_json(self) -> None:
         i, _, expected = DIGITS.pick()
@@ -205,11 +205,11 @@ class MixedUser(_Base):
 
     @task(2)
     def feedback(self) -> None:
-        if self.last_request_id is None or self.last_label is None:
+        if self.last_prediction_id is None or self.last_label is None:
             self.predict_json()
             return
-        body = json.dumps({"request_id": self.last_request_id, "label": self.last_label}).encode()
+        body = json.dumps({"prediction_id": self.last_prediction_id, "label": self.last_label}).encode()
         with self._post("/v1/feedback", body, JSON_HEADERS, "/v1/feedback") as resp:
             if resp.status_code != 200:
                 resp.failure(f"status {resp.status_code}")
-        self.last_request_id = None
+        self.last_prediction_id = None

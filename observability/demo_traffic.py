@@ -67,7 +67,7 @@ def run(url: str, drift: bool, requests: int | None, pause_s: float) -> int:
             status, doc = client.post("/v1/predict", body, "application/json")
             sent += 1
             if status == 200 and rng.random() < 0.3:
-                feedback = {"request_id": doc["request_id"], "label": int(y[i])}
+                feedback = {"prediction_id": doc["prediction_id"], "label": int(y[i])}
                 client.post("/v1/feedback", json.dumps(feedback).encode(), "application/json")
             if rng.random() < 0.05:
                 buf = io.BytesIO()
