@@ -491,6 +491,22 @@ def test_deadlines_the_queue_cannot_meet_are_deadline_exceeded(tmp_path: Path, e
         assert_clean_shutdown(srv)
 
 
+def test_calls_over_the_inflight_limit_are_resource_exhausted(tmp_path: Path, engine: Engine) -> None:
+    srv, target = grpc_server(tmp_path, "--max-inflight-requests", "2", "--max-batch-size", "1", engine=engine)
+    try:
+        first = _hold_one_call(srv, target, engine)
+        second = _submit(target, request(digits_image(6)).SerializeToString())
+        wait_until(lambda: metric(srv, "mnist_queue_depth_images", 'queue="interactive"') == 1, "a second call queued")
+        code, _, _ = call(target, request(digits_image(7)).SerializeToString())
+        assert code == "RESOURCE_EXHAUSTED"
+        engine.release()
+        assert [_outcome(first), _outcome(second)] == ["OK", "OK"]
+        assert call(target, request(digits_image(8)).SerializeToString())[0] == "OK"
+    finally:
+        engine.release()
+        assert_clean_shutdown(srv)
+
+
 def test_sigterm_drains_calls_in_flight(tmp_path: Path, engine: Engine) -> None:
     srv, target = grpc_server(tmp_path, "--max-batch-size", "1", "--bulk-chunk-images", "1",
                               "--drain-timeout-s", "30", engine=engine)  # fmt: skip
