@@ -15,18 +15,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from multiprocessing.connection import Connection
+from pathlib import Path
 
 import grpc
 import numpy as np
 
 from service.proto import grpc_predict_v2_pb2 as pb
 
+ROOT = Path(__file__).resolve().parent.parent
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 CALL_TIMEOUT_S = 10.0
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
@@ -124,38 +127,29 @@ async def _drive(target: str, bodies: list[bytes], concurrency: int, warmup_s: f
         return {"latencies": latencies, "statuses": dict(statuses), "cpu_s": cpu[1] - cpu[0]}
 
 
-def _worker(target: str, bodies: list[bytes], concurrency: int, warmup_s: float, duration_s: float,
-            conn: Connection) -> None:  # fmt: skip
-    try:
-        conn.send(asyncio.run(_drive(target, bodies, concurrency, warmup_s, duration_s)))
-    except Exception as exc:  # reported to the parent, which raises
-        conn.send({"error": repr(exc)})
-    finally:
-        conn.close()
-
-
 def run(target: str, bodies: list[bytes], *, concurrency: int, duration_s: float, warmup_s: float = 1.0,
         processes: int = 1, images_per_request: int = 1) -> GrpcResult:  # fmt: skip
-    """Keep ``concurrency`` calls in flight for ``warmup_s + duration_s``; measure the last ``duration_s``."""
+    """Keep ``concurrency`` calls in flight for ``warmup_s + duration_s``; measure the last ``duration_s``.
+
+    The workers are ``python -m bench.grpc_load --worker`` processes (like wrk, separate from the caller's):
+    the bodies go to them as files, each prints one JSON report."""
     processes = max(1, min(processes, concurrency))
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
-    ctx = multiprocessing.get_context("spawn")  # no gRPC state crosses a fork
-    workers = []
-    for share in shares:
-        parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, args=(target, bodies, share, warmup_s, duration_s, child), daemon=True)
-        proc.start()
-        child.close()
-        workers.append((proc, parent))
-    reports = []
-    for proc, conn in workers:
-        reports.append(
-            conn.recv() if conn.poll(warmup_s + duration_s + CALL_TIMEOUT_S + 60) else {"error": "no report"}
-        )
-        proc.join(30)
-    failed = [r["error"] for r in reports if "error" in r]
-    if failed:
-        raise RuntimeError(f"gRPC load generator failed: {failed}")
+    with tempfile.TemporaryDirectory(prefix="grpc-load-") as tmp:
+        files = []
+        for i, body in enumerate(bodies):
+            (path := Path(tmp) / f"{i}.bin").write_bytes(body)
+            files.append(str(path))
+        cmd = [sys.executable, "-m", "bench.grpc_load", "--worker", "--target", target,
+               "--duration-s", str(duration_s), "--warmup-s", str(warmup_s)]  # fmt: skip
+        workers = [subprocess.Popen([*cmd, "--concurrency", str(n), *files], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, cwd=ROOT) for n in shares]  # fmt: skip
+        reports = []
+        for proc in workers:
+            out, err = proc.communicate(timeout=warmup_s + duration_s + CALL_TIMEOUT_S + 120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"gRPC load worker failed ({proc.returncode}): {err.decode()[-2000:]}")
+            reports.append(json.loads(out.decode().strip().splitlines()[-1]))
     lat = np.concatenate([np.asarray(r["latencies"], dtype=np.float64) for r in reports]) * 1000
     statuses: Counter[str] = Counter()
     for r in reports:
@@ -191,7 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration-s", type=float, default=10.0)
     p.add_argument("--warmup-s", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one worker of run(): bodies as files
+    p.add_argument("bodies", nargs="*", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker:
+        bodies = [f.read_bytes() for f in args.bodies]
+        print(json.dumps(asyncio.run(_drive(args.target, bodies, args.concurrency, args.warmup_s, args.duration_s))))
+        return 0
     rng = np.random.default_rng(args.seed)
     bodies = [request_body(rng.integers(0, 256, (args.images, 784), dtype=np.uint8), args.model) for _ in range(16)]
     result = run(args.target, bodies, concurrency=args.concurrency, duration_s=args.duration_s,
