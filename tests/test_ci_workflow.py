@@ -138,7 +138,10 @@ def test_tags_build_and_push_once_after_the_tests() -> None:
     outputs = build["outputs"]
     assert outputs["digest_cpu"] == "${{ steps.build_cpu.outputs.digest }}"
     assert outputs["digest_gpu"] == "${{ steps.build_gpu.outputs.digest }}"
-    assert {s.get("id") for s in builds} == {"build_cpu", "build_gpu"}
+    assert {s.get("id"): s["with"]["file"] for s in builds} == {
+        "build_cpu": "Dockerfile",
+        "build_gpu": "Dockerfile.gpu",
+    }
 
 
 @pytest.mark.parametrize("job_name", DEPLOY_JOBS)
