@@ -80,7 +80,7 @@ def _typed(decoder: msgspec.json.Decoder[Any], body: bytes, field: str, max_imag
             raise InvalidInput(
                 f'the JSON body must be an object with an "{field}" field', code="missing_field"
             ) from None
-        if text.endswith(f"- at `$.{field}`") and "length <=" in text:
+        if field == "images" and text.endswith("- at `$.images`") and "length <=" in text:
             raise PayloadTooLarge(f"too many images in one request; the limit is {max_images}") from None
         shape_error = "length" in text or "got `float`" in text or "got `int`" in text
         code = "invalid_shape" if shape_error else "invalid_type"

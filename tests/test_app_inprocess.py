@@ -1,0 +1,206 @@
+"""The fast tier: the whole app in-process (httpx's ASGI transport, the real lifespan, the real ONNX model), plus
+unit tests of the inference core and the decoders. No subprocess, no socket."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from service import decode
+from service.app import create_app
+from service.errors import InvalidInput, MalformedBody, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.inference import Core
+from service.settings import Settings
+
+App = tuple[httpx.AsyncClient, Core]
+
+
+async def started(tiny_repo: Path, **settings: Any) -> AsyncIterator[App]:
+    app = create_app(Settings(model_repository=tiny_repo, access_log=False, **settings))
+    async with app.router.lifespan_context(app):
+        core: Core = app.state.core
+        for _ in range(1000):
+            if core.ready:
+                break
+            await asyncio.sleep(0.01)
+        transport = httpx.ASGITransport(app=app, client=("10.0.0.1", 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client, core
+
+
+@pytest.fixture
+async def app(tiny_repo: Path) -> AsyncIterator[App]:
+    async for pair in started(tiny_repo):
+        yield pair
+
+
+def image(value: float = 0.2) -> list[float]:
+    return [value] * 784
+
+
+# ---------------------------------------------------------------------------------------------- the app
+async def test_predict_feedback_and_headers(app: App) -> None:
+    client, _ = app
+    r = await client.post("/v1/predict", json={"image": image()}, headers={"x-request-id": "abc"})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["request_id"] == "abc" == r.headers["x-request-id"]
+    assert doc["prediction_id"] == r.headers["x-prediction-id"] != "abc"
+    assert "queue;dur=" in r.headers["server-timing"]
+    fb = await client.post("/v1/feedback", json={"prediction_id": doc["prediction_id"], "label": doc["label"]})
+    assert fb.json() == {"prediction_id": doc["prediction_id"], "correct": True}
+
+
+async def test_every_route_of_the_docs_is_served(app: App) -> None:
+    client, _ = app
+    spec = (await client.get("/openapi.json")).json()
+    assert {"/v1/predict", "/v1/predict/batch", "/v1/feedback", "/v2/models/{name}/infer", "/healthz"} <= set(
+        spec["paths"]
+    )
+    body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert {"application/json", "image/png", "multipart/form-data"} <= set(body)
+    assert (await client.get("/docs")).status_code == 200
+
+
+async def test_no_redirect_is_built_from_the_host_header(app: App) -> None:
+    client, _ = app
+    r = await client.get("/v1/models/", headers={"host": "evil.example"})
+    assert r.status_code == 404
+    assert "location" not in r.headers
+
+
+@pytest.mark.parametrize(
+    ("doc", "status", "code"),
+    [
+        ({"image": [True] + [0.0] * 783}, 422, "invalid_type"),
+        ({"image": ["0.1"] * 784}, 422, "invalid_type"),
+        ({"image": [{}] * 784}, 422, "invalid_type"),
+        ({"image": [0.1] * 785}, 422, "invalid_shape"),
+        ({"image": [[0.1] * 28] * 27 + [[0.1] * 27]}, 422, "invalid_shape"),
+        ({"image": [0.1] * 783 + [[0.1]]}, 422, "invalid_shape"),
+        ({"image": [2.0] * 784}, 422, "out_of_range"),
+        ([1, 2], 422, "missing_field"),
+        ({"images": [image()]}, 422, "missing_field"),
+    ],
+)
+async def test_bad_single_images_are_named(app: App, doc: object, status: int, code: str) -> None:
+    client, _ = app
+    r = await client.post("/v1/predict", content=orjson.dumps(doc), headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+
+
+async def test_a_hostile_batch_is_refused_while_it_is_decoded(app: App) -> None:
+    client, _ = app
+    many_empty = b'{"images": [' + b"[0.5]," * 200_000 + b"[0.5]]}"
+    r = await client.post("/v1/predict/batch", content=many_empty, headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text  # over 4,096 images: refused at the 4,097th, not after building 200,000
+    huge = b'{"image": [' + b" " * (9 << 20) + b"0]}"
+    r = await client.post("/v1/predict", content=huge, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+async def test_feedback_token_and_rate_limit(tiny_repo: Path) -> None:
+    async for client, _ in started(tiny_repo, feedback_token="s3cret", feedback_rate_per_s=1.0):
+        pid = (await client.post("/v1/predict", json={"image": image()})).json()["prediction_id"]
+        doc = {"prediction_id": pid, "label": 1}
+        assert (await client.post("/v1/feedback", json=doc)).status_code == 401
+        auth = {"authorization": "Bearer s3cret"}
+        statuses = [(await client.post("/v1/feedback", json=doc, headers=auth)).status_code for _ in range(6)]
+        assert statuses[0] == 200
+        assert 429 in statuses
+        limited = await client.post("/v1/feedback", json=doc, headers=auth)
+        assert limited.status_code == 429
+        assert int(limited.headers["retry-after"]) >= 1
+
+
+async def test_feedback_bodies_are_bounded_before_reading(app: App) -> None:
+    client, _ = app
+    r = await client.post("/v1/feedback", content=b" " * 100_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+async def test_oip_infer_in_process(app: App) -> None:
+    client, _ = app
+    doc = {"inputs": [{"name": "pixels", "shape": [2, 784], "datatype": "UINT8", "data": [0] * 1568}]}
+    r = await client.post("/v2/models/tiny/infer", json=doc)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["shape"] == [2, 10]
+    r = await client.post("/v2/models/tiny/infer", json=doc, headers={"inference-header-content-length": "²".encode()})
+    assert r.status_code == 400
+    assert set(r.json()) == {"error"}
+    bools = {"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "FP32", "data": [True] * 784}]}
+    assert (await client.post("/v2/models/tiny/infer", json=bools)).status_code == 422
+
+
+# ---------------------------------------------------------------------------------------------- the core
+async def test_a_callers_deadline_replaces_the_request_timeout_up_to_the_maximum(app: App) -> None:
+    _, core = app
+    assert core.admit(None).budget_s == core.settings.request_timeout_s
+    long = core.admit(60.0)
+    assert long.budget_s == 60.0 > core.settings.request_timeout_s
+    assert "60000 ms" in long.why
+    assert core.admit(3600.0).budget_s == core.settings.max_deadline_s
+    with pytest.raises(InvalidInput):
+        core.admit(-1.0)
+    with pytest.raises(InvalidInput):
+        core.deadline_ms("soon")
+    with pytest.raises(InvalidInput):
+        core.deadline_ms("nan")
+
+
+async def test_a_504_names_the_deadline_that_passed(app: App) -> None:
+    _, core = app
+    state = core.state
+    gate = asyncio.Event()
+    real: Callable[..., Any] = state.registry.default.run
+
+    def held(x: np.ndarray) -> np.ndarray:
+        asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(10)
+        out: np.ndarray = real(x)
+        return out
+
+    loop = asyncio.get_running_loop()
+    state.registry.default.run = held  # type: ignore[method-assign]
+    state.batcher.inline_budget_s = 0.0
+    try:
+        first = asyncio.ensure_future(core.infer(core.admit(None), np.zeros((1, 784), np.float32)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ServiceError) as err:
+            await core.infer(core.admit(0.05, source="X-Request-Deadline-Ms"), np.zeros((1, 784), np.float32))
+        assert err.value.status_code == 504
+        assert "50 ms, from X-Request-Deadline-Ms" in err.value.message
+        gate.set()
+        await first
+    finally:
+        gate.set()
+        state.registry.default.run = real  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------------------------------------- decoders
+SHAPE = decode.Shape(784, 28, 28, 4, 4096 * 4096)
+
+
+def test_decoder_table_by_media_type() -> None:
+    body = orjson.dumps({"image": image(0.5)})
+    x = decode.decode(decode.SINGLE, "application/json; charset=utf-8", body, SHAPE)
+    assert x.shape == (1, 784)
+    assert x.dtype == np.float32
+    raw = decode.decode(decode.MANY, "application/octet-stream", bytes(784 * 2), SHAPE)
+    assert raw.dtype == np.uint8
+    assert raw.shape == (2, 784)
+    with pytest.raises(UnsupportedMediaType):
+        decode.decode(decode.SINGLE, "text/plain", body, SHAPE)
+    with pytest.raises(PayloadTooLarge):
+        decode.decode(decode.MANY, "application/octet-stream", bytes(784 * 5), SHAPE)
+    with pytest.raises(MalformedBody):
+        decode.decode(decode.SINGLE, "application/json", b"{", SHAPE)
+    with pytest.raises(InvalidInput):
+        decode.decode(decode.MANY, "application/json", orjson.dumps({"images": []}), SHAPE)
