@@ -168,7 +168,7 @@ async def test_a_504_names_the_deadline_that_passed(app: App) -> None:
         return out
 
     loop = asyncio.get_running_loop()
-    state.registry.default.run = held  # type: ignore[method-assign]
+    state.registry.default.run = held  # type: ignore[method-assign,assignment]
     state.batcher.inline_budget_s = 0.0
     try:
         first = asyncio.ensure_future(core.infer(core.admit(None), np.zeros((1, 784), np.float32)))
