@@ -26,7 +26,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tg
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as tpb
@@ -169,6 +171,18 @@ def test_health_and_metadata_with_tritonclient(tc: tg.InferenceServerClient, tar
     with pytest.raises(grpc.RpcError) as rpc:
         health_status(target, "no.such.Service")
     assert rpc.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_server_reflection_describes_the_service(target: str) -> None:
+    """What grpcurl does without the .proto: list the services, then resolve the inference service's methods."""
+    with grpc.insecure_channel(target) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        assert {SERVICE, "grpc.health.v1.Health"} <= set(db.get_services())
+        service = DescriptorPool(db).FindServiceByName(SERVICE)
+        assert [m.name for m in service.methods] == [
+            "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"
+        ]  # fmt: skip
+        assert service.methods_by_name["ModelInfer"].input_type.fields_by_name["raw_input_contents"].number == 7
 
 
 def test_every_test_digit_gets_the_offline_label(
