@@ -273,7 +273,8 @@ class GrpcServer:
     # ------------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         s = self.core.settings
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        host = f"[{s.host}]" if ":" in s.host and not s.host.startswith("[") else s.host  # an IPv6 address
+        self.port = self.server.add_insecure_port(f"{host}:{s.grpc_port}")
         await self.health.set("", _SERVING)
         await self._sync_health()
         await self.server.start()

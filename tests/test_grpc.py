@@ -185,6 +185,7 @@ def test_server_reflection_describes_the_service(target: str) -> None:
         assert service.methods_by_name["ModelInfer"].input_type.fields_by_name["raw_input_contents"].number == 7
 
 
+@pytest.mark.slow
 def test_every_test_digit_gets_the_offline_label(
     tc: tg.InferenceServerClient, digits: tuple[np.ndarray, np.ndarray], offline: np.ndarray
 ) -> None:
