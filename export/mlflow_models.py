@@ -76,11 +76,12 @@ def register(run_id: str, meta: dict[str, Any], registered_name: str, aliases: S
         tags = {
             "repository_name": str(meta["name"]),
             "repository_version": str(meta["version"]),
-            "sha256": str(meta["sha256"]),
-            "test_accuracy": f"{meta['test_accuracy']:.4f}",
+            "sha256": str(meta.get("sha256")),
         }
-        if "quantized" in meta:
-            tags["int8_test_accuracy"] = f"{meta['quantized']['test_accuracy']:.4f}"
+        for tag, value in (("test_accuracy", meta.get("test_accuracy")),
+                           ("int8_test_accuracy", meta.get("quantized", {}).get("test_accuracy"))):  # fmt: skip
+            if isinstance(value, float):
+                tags[tag] = f"{value:.4f}"
         version = mlflow_client.create_model_version(
             registered_name,
             source=f"{run.info.artifact_uri}/{artifact_path(meta['version'])}",

@@ -1,7 +1,8 @@
 """The committed default model ``models/mnist-mlp/1``: onnxruntime only, no TensorFlow.
 
-Accuracy is checked on the full MNIST test set when ../shared/data/mnist.npz is present (it must reproduce the
-recorded figure), else on the 1,000 shipped test digits (x_test[-1000:]).
+Accuracy is checked on the full MNIST test set when a copy of it is found beside the repository
+(../shared/data/mnist.npz), else on the 1,000 shipped test digits (x_test[-1000:]). The float model must
+reproduce its recorded figure exactly; the int8 one within a tolerance measured across instruction sets.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "mnist_small.npz"
 SHARED = REPO.parent / "shared" / "data" / "mnist.npz"
 SERVICE_KEYS = ("name", "version", "file", "sha256", "input", "output", "preprocessing", "class_labels",
                 "reference", "golden")  # fmt: skip
+PROMOTED = FOLDER.parent / "promoted.json"
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +44,12 @@ def _test_digits() -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], bool]:
         return npz["x_test"], npz["y_test"], path == SHARED
 
 
+def _pixels(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    return images.reshape(len(images), 784).astype(np.float32) / np.float32(255)
+
+
 def _accuracy(session: ort.InferenceSession, images: npt.NDArray[np.uint8], labels: npt.NDArray[np.uint8]) -> float:
-    pixels = images.reshape(len(images), 784).astype(np.float32) / np.float32(255)
-    probs = session.run(None, {"pixels": pixels})[0]
+    probs = session.run(None, {"pixels": _pixels(images)})[0]
     return float(np.mean(probs.argmax(axis=1) == labels))
 
 
@@ -63,6 +68,12 @@ def test_metadata_declares_the_contract(meta: dict[str, Any]) -> None:
     assert training["seed"] is not None
     assert len(training["data_sha256"]) == 64
     assert training["command"].startswith("mnist-train")
+
+
+def test_the_repository_promotes_this_version() -> None:
+    pointer = json.loads(PROMOTED.read_text())
+    assert pointer["version"] == "1"
+    assert pointer["history"][-1]["version"] == "1"
 
 
 def test_sha256_matches_the_files(meta: dict[str, Any]) -> None:
@@ -114,13 +125,44 @@ def test_dynamic_batch_sizes(meta: dict[str, Any]) -> None:
         assert probs.shape == (batch, 10)
 
 
-@pytest.mark.parametrize("variant", ["float", "int8"])
-def test_classifies_real_test_digits(meta: dict[str, Any], variant: str) -> None:
+def test_classifies_real_test_digits_float(meta: dict[str, Any]) -> None:
+    """The float model gives the same labels on every CPU: the recorded accuracy is reproduced exactly."""
     images, labels, full = _test_digits()
-    name = meta["file"] if variant == "float" else meta["quantized"]["file"]
-    accuracy = _accuracy(_session(name), images, labels)
+    accuracy = _accuracy(_session(meta["file"]), images, labels)
     assert accuracy >= 0.97
-    if full:  # the whole test set reproduces the recorded figures exactly
-        recorded = meta["test_accuracy"] if variant == "float" else meta["quantized"]["test_accuracy"]
-        assert accuracy == pytest.approx(recorded, abs=1e-9)
+    if full:
+        assert accuracy == pytest.approx(meta["test_accuracy"], abs=1e-9)
         assert accuracy >= 0.98
+
+
+# ONNX Runtime's int8 kernels depend on the CPU's instruction set (AVX-512 VNNI, AVX2, SSE4.1 round and
+# saturate differently), so the int8 figures are not bit-stable across machines. Measured on the 10,000 test
+# digits (docs/training.md, `python -m export.accuracy` natively and under qemu-x86_64 -cpu Haswell /
+# EPYC-Rome / SandyBridge / Nehalem): accuracy 0.9831..0.9832, at most 4 labels differing from the float
+# model's (agreement >= 0.9996); another machine reported 0.9830. The bounds below are ten times the largest
+# difference seen: 20 digits of 10,000 (0.2 %), and 5 of the 1,000 fixture digits (0.5 %), where no
+# instruction set changed a label.
+INT8_ACCURACY_TOLERANCE = {True: 0.002, False: 0.005}  # full test set / fixture
+INT8_MIN_AGREEMENT = {True: 0.998, False: 0.995}
+
+
+def test_classifies_real_test_digits_int8(meta: dict[str, Any]) -> None:
+    images, labels, full = _test_digits()
+    q = meta["quantized"]
+    float_pred = _session(meta["file"]).run(None, {"pixels": _pixels(images)})[0].argmax(axis=1)
+    int8_pred = _session(q["file"]).run(None, {"pixels": _pixels(images)})[0].argmax(axis=1)
+    float_acc, int8_acc = float(np.mean(float_pred == labels)), float(np.mean(int8_pred == labels))
+    assert float(np.mean(int8_pred == float_pred)) >= INT8_MIN_AGREEMENT[full]
+    assert abs(int8_acc - float_acc) <= INT8_ACCURACY_TOLERANCE[full]
+    if full:
+        assert abs(int8_acc - q["test_accuracy"]) <= INT8_ACCURACY_TOLERANCE[full]
+
+
+def test_the_int8_figures_say_where_they_were_measured(meta: dict[str, Any]) -> None:
+    q = meta["quantized"]
+    measured = q["measured_on"]
+    assert measured["isa"] in q["test_accuracy_by_isa"]
+    assert q["test_accuracy_by_isa"][measured["isa"]] == q["test_accuracy"]
+    assert measured["onnxruntime"] == meta["training"]["onnxruntime"]
+    figures = list(q["test_accuracy_by_isa"].values())
+    assert max(figures) - min(figures) <= INT8_ACCURACY_TOLERANCE[True]

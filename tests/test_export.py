@@ -109,20 +109,56 @@ def test_parity_passes_within_tolerance_and_fails_loudly() -> None:
         require(compare(probs, probs + np.float32(1e-3)))
 
 
-def test_metadata_has_every_key_the_service_needs(tmp_path: Path) -> None:
+def test_what_the_export_writes_is_what_the_service_loads(tmp_path: Path) -> None:
+    """metadata.build + write with real reference statistics and golden digits (as run_export computes them),
+    beside a real ONNX file: the service's loader accepts the folder and reads back what was written."""
+    from service.model import load_model
+    from service.settings import Settings
+    from tests.helpers import run_onnx, tiny_onnx
+    from training.data import file_sha256, load_npz, to_features
+
+    data = load_npz(FIXTURE)
+    blob = tiny_onnx(3)
+    labels = run_onnx(blob, to_features(data.x_test)).argmax(axis=1)
+    folder = tmp_path / "mnist-mlp" / "3"
+    folder.mkdir(parents=True)
+    (folder / metadata.MODEL_FILE).write_bytes(blob)
     meta = metadata.build(
-        name="mnist-mlp", version=3, sha256="0" * 64, opset=17,
+        name="mnist-mlp", version=3, sha256=file_sha256(folder / metadata.MODEL_FILE), opset=17,
         inp=metadata.OnnxIO("pixels", [None, 784]), out=metadata.OnnxIO("probabilities", [None, 10]),
-        test_accuracy=0.98, mlflow_run_id=None, training={}, parity={}, reference={}, golden={}, quantized=None,
+        test_accuracy=float(np.mean(labels == data.y_test)), mlflow_run_id=None, training={},
+        parity={"max_abs_diff": 0.0, "labels_identical": True, "n": 1000, "tolerance": 1e-5},
+        reference=reference.reference_stats(data.x_train, labels),
+        golden=reference.golden_set(data.x_test[: reference.GOLDEN_COUNT], labels[: reference.GOLDEN_COUNT]),
+        quantized=None,
     )  # fmt: skip
-    assert all(key in meta for key in SERVICE_KEYS)
-    assert meta["version"] == "3"
-    assert meta["preprocessing"]["scale"] == 1 / 255
-    assert meta["class_labels"] == [str(i) for i in range(10)]
-    assert meta["created_at"].endswith("Z")
-    assert "quantized" not in meta
-    written = json.loads(metadata.write(meta, tmp_path).read_text())
+    written = json.loads(metadata.write(meta, folder).read_text())
     assert written == meta
+    assert all(key in written for key in SERVICE_KEYS)
+    assert written["version"] == "3"
+    assert written["created_at"].endswith("Z")
+    assert "quantized" not in written
+
+    model = load_model(folder, Settings(provider="cpu"))
+    assert (model.name, model.version, model.sha256) == ("mnist-mlp", "3", written["sha256"])
+    assert model.scale == written["preprocessing"]["scale"] == 1 / 255
+    assert model.class_labels == written["class_labels"] == [str(i) for i in range(10)]
+    assert model.check_golden() == reference.GOLDEN_COUNT == written["golden"]["count"]
+    np.testing.assert_array_equal(model.golden.images, data.x_test[:32].reshape(32, 784))
+    np.testing.assert_array_equal(model.golden.labels, labels[:32])
+    assert model.reference is not None
+    assert model.reference.mean_intensity_edges.tolist() == list(reference.MEAN_INTENSITY_EDGES)
+    assert model.reference.mean_intensity_fractions.sum() == pytest.approx(1.0)
+    assert model.reference.class_fractions.tolist() == written["reference"]["class_fractions"]
+
+
+def test_the_cpu_of_a_measurement_is_described() -> None:
+    from export.accuracy import cpu_description
+
+    cpu = cpu_description()
+    assert cpu["isa"] in ("avx512_vnni", "avx512bw", "avx_vnni", "avx2", "sse4_1", cpu["machine"])
+    assert cpu["model"]
+    assert all(isinstance(f, str) for f in cpu["features"])
 
 
 # ---------------------------------------------------------------- conversion and CLI (TensorFlow)
@@ -161,19 +197,40 @@ def test_conversion_names_io_and_keeps_the_batch_dynamic(tiny_model: Path) -> No
 
 
 @pytest.mark.train
-def test_export_a_model_file_without_mlflow(tiny_model: Path, tmp_path: Path) -> None:
+def test_export_a_model_file_without_mlflow(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from export.accuracy import cpu_description
     from export.export import main
+    from service.model import load_model, promoted_version
+    from service.settings import Settings
 
-    assert main(["--model", str(tiny_model), "--data", str(FIXTURE), "--repository", str(tmp_path),
-                 "--name", "tiny", "--quantize", "--opset", "15"]) == 0  # fmt: skip
-    meta = json.loads((tmp_path / "tiny" / "1" / "metadata.json").read_text())
+    common = ["--model", str(tiny_model), "--data", str(FIXTURE), "--repository", str(tmp_path), "--name", "tiny"]
+    assert main([*common, "--quantize", "--opset", "15"]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "tiny" / "1"
+    meta = json.loads((folder / "metadata.json").read_text())
     assert meta["mlflow_run_id"] is None
     assert meta["opset"] == 15
     assert meta["parity"]["n"] == 1000
     assert meta["training"]["tf2onnx"]
     assert meta["training"]["command"] is None  # no training.json beside this model
-    assert meta["quantized"]["file"] == "model.int8.onnx"
-    assert (tmp_path / "tiny" / "1" / "model.int8.onnx").is_file()
+    q = meta["quantized"]
+    assert q["file"] == "model.int8.onnx"
+    assert (folder / "model.int8.onnx").is_file()
+    assert q["measured_on"]["isa"] == cpu_description()["isa"]
+    assert q["measured_on"]["onnxruntime"] == meta["training"]["onnxruntime"]
+    # Exactly what the service loads, and the export says what to do next without moving the promoted version.
+    model = load_model(folder, Settings(provider="cpu"))
+    assert model.sha256 == meta["sha256"]
+    assert "not registered in MLflow" in out
+    assert f"mnist-promote --repository {tmp_path} --name tiny 1" in out
+    assert "/admin/models/tiny/versions/1/load" in out
+    assert promoted_version(tmp_path, "tiny") is None
+
+    assert main([*common, "--promote"]) == 0
+    assert promoted_version(tmp_path, "tiny") == "2"
+    assert "version 2 is now the promoted version" in capsys.readouterr().out
 
 
 @pytest.mark.train

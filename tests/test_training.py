@@ -216,7 +216,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     data, extra = real_digits()
     output = root / "out"
     argv = ["--data", str(data), *extra, "--epochs", "1", "--seed", "7", "--output", str(output),
-            "--experiment", "e2e", "--verbose", "0"]  # fmt: skip
+            "--experiment", "e2e", "--progress", "0"]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.chdir(root)
@@ -224,7 +224,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
         info = json.loads((output / "training.json").read_text())
         repository = root / "models"
         export_argv = ["--run-id", info["run_id"], "--data", str(data), "--repository", str(repository),
-                       "--quantize"]  # fmt: skip
+                       "--quantize", "--alias", "champion"]  # fmt: skip
         assert export_main(export_argv) == 0
         yield Trained(root, data, info["run_id"], output, repository, argv)
 
@@ -255,8 +255,18 @@ def test_run_is_tracked_in_mlflow(trained: Trained) -> None:
 
     assert {"confusion_matrix.png", "confusion_matrix.json", "model", "onnx"} <= listing()
     assert {"model/model.keras", "model/training.json"} <= listing("model")
-    assert {"onnx/model.onnx", "onnx/metadata.json", "onnx/model.int8.onnx"} <= listing("onnx")
+    assert {"onnx/1/model.onnx", "onnx/1/metadata.json", "onnx/1/model.int8.onnx"} <= listing("onnx/1")
     assert (trained.root / "mlruns" / "e2e").is_dir()  # artifacts stay beside the database
+
+    # ...and registered: version 1 of the registered model "mnist-mlp", alias champion, source = those files
+    registered = client.get_model_version_by_alias("mnist-mlp", "champion")
+    assert registered.run_id == trained.run_id
+    assert registered.source.endswith("/onnx/1")
+    assert registered.tags["repository_version"] == "1"
+    assert (
+        registered.tags["sha256"]
+        == json.loads((trained.repository / "mnist-mlp" / "1" / "metadata.json").read_text())["sha256"]
+    )
 
 
 @pytest.mark.train
@@ -313,6 +323,7 @@ def test_export_from_the_model_file_auto_versions(trained: Trained, capsys: pyte
     assert meta["version"] == "2"
     assert meta["mlflow_run_id"] == trained.run_id  # read from training.json beside the model
     assert "quantized" not in meta
+    assert "not registered in MLflow" in capsys.readouterr().out  # --no-mlflow
     assert export_main([*common, "--version", "1"]) == 1
     assert "already exists" in capsys.readouterr().err
 
@@ -326,7 +337,7 @@ def test_same_seed_same_weights(trained: Trained) -> None:
 
     again = trained.root / "again"
     argv = [*trained.train_argv[: trained.train_argv.index("--output")], "--output", str(again),
-            "--experiment", "e2e", "--verbose", "0"]  # fmt: skip
+            "--experiment", "e2e", "--progress", "0"]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{trained.root / 'mlflow.db'}")
         assert train_main(argv) == 0
@@ -334,3 +345,56 @@ def test_same_seed_same_weights(trained: Trained) -> None:
     second = keras.models.load_model(again / "model.keras").get_weights()
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- TensorFlow's own log lines
+
+
+NATIVE_WRITER = """
+import os, sys
+from training.cli import native_logs
+with native_logs(sys.argv[1] == "verbose", "probe") as native:
+    os.write(2, b"E0000 00:00:1 native line from C++\\n")
+    print("python message", file=sys.stderr)
+    native.failed = sys.argv[2] == "fail"
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "verbose"])
+def test_native_stderr_is_kept_out_of_the_terminal_unless_verbose(mode: str) -> None:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", NATIVE_WRITER, mode, "ok"], capture_output=True, text=True,
+                          cwd=root, timeout=60, check=True)  # fmt: skip
+    assert "python message" in proc.stderr
+    assert ("native line from C++" in proc.stderr) == (mode == "verbose")
+
+
+def test_a_failed_command_keeps_the_native_log_and_says_where() -> None:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", NATIVE_WRITER, "quiet", "fail"], capture_output=True, text=True,
+                          cwd=root, timeout=60, check=True)  # fmt: skip
+    assert "native line from C++" not in proc.stderr
+    line = next(x for x in proc.stderr.splitlines() if "TensorFlow's own log is in" in x)
+    path = Path(line.split(" is in ", 1)[1].split(" ", 1)[0])
+    assert "native line from C++" in path.read_text()
+    path.unlink()
+
+
+@pytest.mark.train
+def test_tensorflow_import_prints_no_native_log_lines() -> None:
+    """Importing TensorFlow and running an op logs absl lines (CUDA probing, oneDNN) on stderr; not here."""
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys\nfrom training.cli import native_logs\nwith native_logs(False, 'probe'):\n"
+            "    import tensorflow as tf\n    tf.constant([1.0]) + 1\n    print('done', file=sys.stderr)\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300,
+                          check=True)  # fmt: skip
+    assert "done" in proc.stderr
+    assert not re.search(r"^[IWEF]\d{4} ", proc.stderr, re.MULTILINE), proc.stderr
+    assert "absl::InitializeLog" not in proc.stderr
