@@ -86,7 +86,8 @@ RUN --mount=type=bind,from=wheel,source=/wheels,target=/tmp/wheels \
         --no-deps --no-index --no-cache-dir /tmp/wheels/*.whl
 
 USER ${APP_UID}:${APP_UID}
-EXPOSE 8000
+# 8000: HTTP (REST, Open Inference Protocol, metrics); 8001: gRPC when MNIST_GRPC_PORT=8001 (off by default)
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["/opt/venv/bin/python", "/app/healthcheck.py"]
 STOPSIGNAL SIGTERM
