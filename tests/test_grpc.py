@@ -302,6 +302,32 @@ def test_malformed_requests_get_the_right_status(target: str, case: str) -> None
     assert ".py" not in details
 
 
+@pytest.mark.parametrize(
+    ("model", "tensor"),
+    [
+        (MODEL, {"name": "pixels", "shape": [1, 783], "datatype": "UINT8", "data": [0] * 783}),
+        (MODEL, {"name": "x", "shape": [1, 784], "datatype": "UINT8", "data": [0] * 784}),
+        (MODEL, {"name": "pixels", "shape": [1, 784], "datatype": "UINT8", "data": [300] * 784}),
+        (MODEL, {"name": "pixels", "shape": [1, 784], "datatype": "FP32", "data": [2.0] * 784}),
+        ("resnet", {"name": "pixels", "shape": [1, 784], "datatype": "UINT8", "data": [0] * 784}),
+    ],
+)
+def test_errors_carry_the_rest_message(served: tuple[Server, str], model: str, tensor: dict[str, Any]) -> None:
+    """The same bad tensor sent to REST /v2 (JSON data) and to gRPC (typed contents): the same message."""
+    srv, target = served
+    rest = httpx.post(f"{srv.url}/v2/models/{model}/infer", json={"inputs": [tensor]}, timeout=10)
+    assert rest.status_code in (404, 422), rest.text
+    req = tpb.ModelInferRequest(model_name=model)
+    spec = req.inputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
+    if tensor["datatype"] == "FP32":
+        spec.contents.fp32_contents.extend(tensor["data"])
+    else:
+        spec.contents.uint_contents.extend(tensor["data"])
+    code, details, _ = call(target, req.SerializeToString())
+    assert code == ("NOT_FOUND" if rest.status_code == 404 else "INVALID_ARGUMENT")
+    assert details == rest.json()["error"]
+
+
 def test_classification_of_the_label_output_is_refused(target: str) -> None:
     req = request(ONE)
     req.outputs.add(name="label").parameters["classification"].int64_param = 3
