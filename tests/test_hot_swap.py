@@ -34,6 +34,29 @@ def write_other_contract(repo: Path, version: str) -> None:
     (folder / "metadata.json").write_text(json.dumps(meta))
 
 
+def write_hostile(repo: Path, outside: Path) -> None:
+    """Versions 6..12: metadata or files that try to read outside the version folder, or lack what is required."""
+
+    def edit(version: str, **changes: object) -> Path:
+        folder = write_model(repo, "tiny", version, seed=int(version))
+        meta = json.loads((folder / "metadata.json").read_text())
+        meta.update(changes)
+        for key in [k for k, v in changes.items() if v is None]:
+            del meta[key]
+        (folder / "metadata.json").write_text(json.dumps(meta))
+        return folder
+
+    edit("6", file="/dev/zero")
+    edit("7", file="../1/model.onnx")
+    (repo / "tiny" / "8").symlink_to(write_model(outside, "tiny", "8", seed=8), target_is_directory=True)
+    edit("9", sha256=None)
+    edit("10", golden=None)
+    folder = edit("11")
+    (folder / "model.onnx").unlink()
+    (folder / "model.onnx").symlink_to("/dev/zero")
+    edit("12", reference={"mean_intensity_edges": "0..1", "mean_intensity_fractions": [], "class_fractions": []})
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("swap-models")
@@ -42,6 +65,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(repo, "tiny", "3", seed=3, corrupt_golden=True)  # golden labels do not match
     write_model(repo, "tiny", "4", blob=b"this is not an ONNX model")
     write_other_contract(repo, "5")
+    write_hostile(repo, tmp_path_factory.mktemp("outside-the-repository"))
     return repo
 
 
@@ -99,7 +123,7 @@ def test_admin_needs_the_token(client: httpx.Client) -> None:
     assert predict_version(client) == "1"  # nothing was loaded
     listing = client.get("/admin/models", headers=AUTH).json()
     assert listing["default_version"] == "1"
-    assert listing["available_versions"] == ["1", "2", "3", "4", "5"]
+    assert listing["available_versions"] == [str(v) for v in range(1, 13)]
 
 
 def test_admin_is_off_without_a_token_and_broken_versions_are_skipped(repo: Path, tmp_path: Path) -> None:
@@ -109,8 +133,8 @@ def test_admin_is_off_without_a_token_and_broken_versions_are_skipped(repo: Path
         assert resp.json()["error"]["code"] == "not_found"
         assert c.get("/admin/models", headers=AUTH).status_code == 404
         assert c.get("/readyz").json()["version"] == "2"
-        assert c.get("/v2/models/tiny").json()["versions"] == ["1", "2"]  # 3, 4 and 5 are refused
-    assert srv.logs().count("skipping a broken version") == 3
+        assert c.get("/v2/models/tiny").json()["versions"] == ["1", "2"]  # 3 to 12 are refused
+    assert srv.logs().count("skipping a broken version") == 10
 
 
 # ---------------------------------------------------------------------------------------------- swap under load
@@ -205,7 +229,14 @@ def test_swap_under_load_loses_nothing(server: Server, client: httpx.Client) -> 
         ("3", 422, "16 of 16 golden inputs give the wrong label"),
         ("4", 422, "is not a loadable ONNX model"),
         ("5", 422, "changes the contract"),
-        ("9", 404, "no folder for version 9"),
+        ("6", 422, "metadata 'file' must be a file name inside the version folder, got '/dev/zero'"),
+        ("7", 422, "metadata 'file' must be a file name inside the version folder, got '../1/model.onnx'"),
+        ("8", 422, "tiny/8 points outside the model repository"),
+        ("9", 422, "lacks required keys: ['sha256']"),
+        ("10", 422, "lacks required keys: ['golden']"),
+        ("11", 422, "points outside its version folder"),
+        ("12", 422, "reference.mean_intensity_edges must be a list of numbers"),
+        ("99", 404, "no folder for version 99"),
         ("01", 404, "not a version number"),
         ("x", 404, "not a version number"),
     ],
