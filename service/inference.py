@@ -27,6 +27,9 @@ log = logging.getLogger("service")
 
 #: Bodies larger than this are decoded in a worker thread, so a big JSON never stalls the event loop.
 OFF_LOOP_BYTES = 64 * 1024
+#: PNGs over this size are decoded in a worker thread too (zlib packs ~1,000 pixels per byte: a 1 KiB PNG
+#: decodes to at most about a megapixel, a few ms; a 28x28 digit is a few hundred bytes).
+PNG_ON_LOOP_BYTES = 1024
 DEADLINE_HEADER = "X-Request-Deadline-Ms"
 T = TypeVar("T")
 
@@ -126,7 +129,10 @@ class Core:
         if len(body) > self.settings.max_json_bytes and decode.media_type(content_type) == decode.JSON:
             raise PayloadTooLarge(f"the JSON body is {len(body)} bytes; JSON is limited to "
                                   f"{self.settings.max_json_bytes} (send .npy or raw uint8 for bulk)")  # fmt: skip
-        return await self.offload(len(body), decode.decode, table, content_type, body, self.shape(model))
+        size = len(body)
+        if decode.media_type(content_type) in (decode.PNG, decode.MULTIPART) and size > PNG_ON_LOOP_BYTES:
+            size = OFF_LOOP_BYTES + 1  # a small PNG can still declare millions of pixels: decode it off the loop
+        return await self.offload(size, decode.decode, table, content_type, body, self.shape(model))
 
     async def offload(self, size: int, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` here when ``size`` bytes are cheap to handle, else in a worker thread."""
