@@ -33,7 +33,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from service.errors import MalformedBody, PayloadTooLarge
 
@@ -44,6 +44,11 @@ WORK_SIDE = 512
 #: The digit's box inside the image, as a fraction of each side (MNIST: 20 of 28).
 BOX_FRACTION = 20 / 28
 BORDER_FRACTION = 0.05
+#: Pixels fainter than this fraction of Otsu's threshold are background (paper texture, noise).
+NOISE_FLOOR = 0.25
+#: Images this small are not smoothed before their polarity is read (their strokes are a pixel or two wide).
+SMOOTH_FROM = 64
+RESAMPLE = Image.Resampling.LANCZOS
 
 
 def png_pixels(body: bytes, image_shape: tuple[int, int], max_pixels: int) -> np.ndarray:
@@ -122,31 +127,38 @@ def _otsu(values: np.ndarray) -> float:
     return float(np.argmax(between))
 
 
-def _border_and_centre(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def background_level(gray: np.ndarray) -> float:
+    """The median of the image's border (the outer 5% of each side, at least one pixel)."""
     h, w = gray.shape
     bh, bw = max(1, round(h * BORDER_FRACTION)), max(1, round(w * BORDER_FRACTION))
     border = np.concatenate(
         [gray[:bh].ravel(), gray[h - bh :].ravel(), gray[bh : h - bh, :bw].ravel(), gray[bh : h - bh, w - bw :].ravel()]
     )
-    centre = gray[h // 4 : h - h // 4, w // 4 : w - w // 4]
-    if centre.size == 0:
-        centre = gray
-    return border, centre
+    return float(np.median(border))
+
+
+def dark_on_light(gray: np.ndarray, background: float) -> bool:
+    """True when the ink is darker than the background: the darkest (smoothed) pixel lies further below the
+    background than the brightest lies above it."""
+    smooth = gray
+    if min(gray.shape) >= SMOOTH_FROM:  # a 3x3 mean: one noisy pixel is not taken for ink
+        as_8bit = Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8))
+        smooth = np.asarray(as_8bit.filter(ImageFilter.BoxBlur(1)), dtype=np.float32)
+    return background - float(smooth.min()) > float(smooth.max()) - background
 
 
 def ink_map(gray: np.ndarray) -> np.ndarray:
     """Steps 2 and 3: float32 (h, w), 0 = background, 255 = the strongest ink."""
-    border, centre = _border_and_centre(gray)
-    if float(border.mean()) > float(centre.mean()):
+    background = background_level(gray)
+    if dark_on_light(gray, background):
         gray = 255.0 - gray
-        border = 255.0 - border
-    ink = np.clip(gray - float(np.median(border)), 0.0, None)
+        background = 255.0 - background
+    ink = np.clip(gray - background, 0.0, None)
     top = float(ink.max())
     if top <= 0.0:
         return np.zeros_like(ink)
     ink *= 255.0 / top
-    floor = _otsu(ink) / 2
-    ink[ink <= floor] = 0.0
+    ink[ink <= _otsu(ink) * NOISE_FLOOR] = 0.0
     return ink
 
 
@@ -173,7 +185,7 @@ def mnist_like(img: Image.Image, image_shape: tuple[int, int]) -> np.ndarray:
     ch, cw = crop.shape
     scale = min(box_h / ch, box_w / cw)
     size = (max(1, min(box_w, round(cw * scale))), max(1, min(box_h, round(ch * scale))))
-    fitted = Image.fromarray(crop.astype(np.float32), mode="F").resize(size, Image.Resampling.LANCZOS)
+    fitted = Image.fromarray(crop.astype(np.float32), mode="F").resize(size, RESAMPLE)
     digit = np.clip(np.asarray(fitted), 0.0, 255.0)
     mass = float(digit.sum())
     if mass <= 0.0:

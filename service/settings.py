@@ -67,7 +67,9 @@ class Settings(BaseSettings):
         2, ge=1, le=64, description="Bulk engine calls run at once while no single-image work waits (one per core)."
     )
     inline_budget_us: float = Field(
-        100.0, ge=0, le=10000,
+        100.0,
+        ge=0,
+        le=10000,
         description="A batch measured at warm-up to cost less than this runs on the event loop when the engine is "
         "idle (0 = never); it bounds the loop's stall.",
     )
