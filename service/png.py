@@ -8,12 +8,13 @@ Any other size or aspect is brought into MNIST's form the way MNIST itself was m
 1. **Grayscale**: any colour mode and bit depth; a transparent background is flattened onto the
    opposite shade of the visible content, so dark strokes on a transparent canvas stay visible.
 2. **Polarity**: MNIST digits are light ink on a dark background; a photo or a scan is dark ink on light
-   paper. The image is inverted when its border (the outer 5% on each side, at least one pixel) is on
-   average brighter than its centre (the middle half of each side): paper around a digit is brighter than
-   the digit, a black background is darker than a white digit.
-3. **Background removal**: the border's median is taken as the background level and subtracted; the rest is
-   stretched to 0-255. Pixels below a noise floor (half of Otsu's ink/background threshold) become 0, so
-   paper texture, shadows and sensor noise are not taken for ink.
+   paper. The background level is the median of the image's border (the outer 5% of each side, at least one
+   pixel): a digit may touch the border, but it never covers most of it. The image is inverted when its
+   darkest point lies further below that level than its brightest lies above it, that is when the ink is
+   darker than the background (read on a 3x3-smoothed copy from 64 pixels up, so a noisy pixel is not ink).
+3. **Background removal**: the background level is subtracted and the rest stretched to 0-255. Pixels below
+   a noise floor (a quarter of Otsu's ink/background threshold) become 0, so paper texture, uneven light
+   and sensor noise are not taken for ink.
 4. **Crop** to the bounding box of the ink (the pixels above Otsu's threshold).
 5. **Fit into 20x20** (for 28x28; 20/28 of the model's size in general), keeping the aspect ratio, with an
    antialiasing (Lanczos) resampling, as MNIST's digits were size-normalised to a 20x20 box.
