@@ -139,9 +139,8 @@ def test_classifies_real_test_digits_float(meta: dict[str, Any]) -> None:
 # saturate differently), so the int8 figures are not bit-stable across machines. Measured on the 10,000 test
 # digits (docs/training.md, `python -m export.accuracy` natively and under qemu-x86_64 -cpu Haswell /
 # EPYC-Rome / SandyBridge / Nehalem): accuracy 0.9831..0.9832, at most 4 labels differing from the float
-# model's (agreement >= 0.9996); another machine reported 0.9830. The bounds below are ten times the largest
-# difference seen: 20 digits of 10,000 (0.2 %), and 5 of the 1,000 fixture digits (0.5 %), where no
-# instruction set changed a label.
+# model's (agreement >= 0.9996). The bounds below are ten times the largest difference seen: 20 digits of
+# 10,000 (0.2 %), and 5 of the 1,000 fixture digits (0.5 %), where no instruction set changed a label.
 INT8_ACCURACY_TOLERANCE = {True: 0.002, False: 0.005}  # full test set / fixture
 INT8_MIN_AGREEMENT = {True: 0.998, False: 0.995}
 
