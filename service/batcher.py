@@ -25,12 +25,12 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.engine import Computed, Engine, Item, Result, to_float
+from service.engine import BatchObserver, Computed, Engine, Item, Observations, Result, to_float
 from service.errors import ClientDisconnected, DeadlineExceeded, Draining, EngineError, Overloaded
 
 if TYPE_CHECKING:
@@ -38,9 +38,6 @@ if TYPE_CHECKING:
     from service.model import Model
 
 log = logging.getLogger("service.batcher")
-
-#: Called after each successful batch with (model, inputs float32 (N, F), probabilities, per-item row counts).
-BatchObserver = Callable[["Model", np.ndarray, np.ndarray, Sequence[int]], None]
 
 
 class Batcher:
@@ -64,7 +61,6 @@ class Batcher:
         self.inline_budget_s = inline_budget_s
         self._limits = (max_queue_images, max_bulk_queue_images or max_queue_images)
         self._metrics = metrics
-        self._observer = observer
         self._queues: tuple[deque[Item], deque[Item]] = (deque(), deque())  # interactive, bulk
         self._queued = [0, 0]
         self._running = [0, 0]  # engine calls in flight: interactive (0 or 1), bulk
@@ -76,9 +72,7 @@ class Batcher:
         self._accepting = True
         self._sec_per_image = 2e-5  # for Retry-After and deadline admission (exponentially weighted)
         self.inline_max_s = 0.0  # the longest batch run on the event loop so far (the loop's worst stall)
-        self._pending: list[tuple[list[Item], np.ndarray, np.ndarray]] = []  # inline batches not yet observed
-        self._pending_rows = 0
-        self._flush_timer: asyncio.TimerHandle | None = None
+        self._observations = Observations(self.engine, observer)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -101,7 +95,7 @@ class Batcher:
             self._task = None
         if self._timer is not None:
             self._timer.cancel()
-        self._flush_observations()
+        self._observations.flush()
         for q in self._queues:
             while q:
                 if not (it := q.popleft()).future.done():
@@ -282,25 +276,7 @@ class Batcher:
         self.inline_max_s = max(self.inline_max_s, seconds)
         self._metrics.inline_batches.inc()
         self._deliver(batch, x, probs, started, seconds)
-        if self._observer is not None:  # observed later, many inline batches at a time, off the event loop
-            self._pending.append((batch, x, probs))
-            self._pending_rows += x.shape[0]
-            if self._pending_rows >= 64:
-                self._flush_observations()
-            elif self._flush_timer is None:
-                self._flush_timer = loop.call_later(0.25, self._flush_observations)
-
-    def _flush_observations(self) -> None:
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
-        pending, self._pending, self._pending_rows = self._pending, [], 0
-        if pending:
-            self.engine.background(0, self._observe_all, pending)
-
-    def _observe_all(self, pending: list[tuple[list[Item], np.ndarray, np.ndarray]]) -> None:
-        for batch, x, probs in pending:
-            self._observe(batch, x, probs)
+        self._observations.inline(loop, batch, x, probs)
 
     def _launch(self, loop: asyncio.AbstractEventLoop, qi: int, batch: list[Item]) -> None:
         start = loop.time()
@@ -324,8 +300,7 @@ class Batcher:
             return
         x, probs, seconds = out
         self._deliver(batch, x, probs, start, seconds)
-        if self._observer is not None:  # quality statistics: after the callers have their results
-            self.engine.background(qi, self._observe, batch, x, probs)
+        self._observations.threaded(qi, batch, x, probs)
 
     def _deliver(self, batch: list[Item], x: np.ndarray, probs: np.ndarray, started: float, seconds: float) -> None:
         """Hand each caller its rows. ``started``: when the batch left the queue (``loop.time()``)."""
@@ -340,14 +315,6 @@ class Batcher:
                 it.future.set_result((probs[row : row + it.n], queue_s, seconds, n))
             row += it.n
         self._metrics.observe_batch(batch[0].model, n, seconds, waits)
-
-    def _observe(self, batch: list[Item], x: np.ndarray, probs: np.ndarray) -> None:
-        if self._observer is None:
-            return
-        try:
-            self._observer(batch[0].model, x, probs, [it.n for it in batch])
-        except Exception:
-            log.exception("batch observer failed")
 
     def _fail(self, batch: list[Item], exc: BaseException) -> None:
         """An error in one batch fails only that batch's callers, with a generic message; logged once."""

@@ -9,6 +9,7 @@ whose measured cost is under the inline budget may run on the event loop instead
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -20,8 +21,12 @@ import numpy as np
 if TYPE_CHECKING:
     from service.model import Model
 
+log = logging.getLogger("service.engine")
+
 #: What a caller gets: its rows of the output, seconds queued, seconds of the engine call, images in that call.
 Result = tuple[np.ndarray, float, float, int]
+#: Called after each successful batch with (model, inputs float32 (N, F), probabilities, per-item row counts).
+BatchObserver = Callable[["Model", np.ndarray, np.ndarray, Sequence[int]], None]
 #: A finished engine call: (inputs as float32, probabilities, seconds), or None when skipped.
 Computed = tuple[np.ndarray, np.ndarray, float] | None
 
@@ -112,3 +117,45 @@ def compute(batch: list[Item]) -> Computed:
     t0 = time.perf_counter()
     probs = batch[0].model.run(x)
     return x, probs, time.perf_counter() - t0
+
+
+class Observations:
+    """Quality statistics after the callers have their results, always off the event loop: a thread batch is
+    observed on its lane's thread; inline batches are gathered and observed 64 images (or 0.25 s) at a time."""
+
+    def __init__(self, engine: Engine, observer: BatchObserver | None) -> None:
+        self.engine = engine
+        self.observer = observer
+        self._pending: list[tuple[list[Item], np.ndarray, np.ndarray]] = []
+        self._rows = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def threaded(self, lane: int, batch: list[Item], x: np.ndarray, probs: np.ndarray) -> None:
+        if self.observer is not None:
+            self.engine.background(lane, self._observe, [(batch, x, probs)])
+
+    def inline(self, loop: asyncio.AbstractEventLoop, batch: list[Item], x: np.ndarray, probs: np.ndarray) -> None:
+        if self.observer is None:
+            return
+        self._pending.append((batch, x, probs))
+        self._rows += x.shape[0]
+        if self._rows >= 64:
+            self.flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(0.25, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending, self._rows = self._pending, [], 0
+        if pending:
+            self.engine.background(0, self._observe, pending)
+
+    def _observe(self, pending: list[tuple[list[Item], np.ndarray, np.ndarray]]) -> None:
+        assert self.observer is not None
+        for batch, x, probs in pending:
+            try:
+                self.observer(batch[0].model, x, probs, [it.n for it in batch])
+            except Exception:
+                log.exception("batch observer failed")
