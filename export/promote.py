@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     try:
         name = args.name or default_model_name(args.repository)
         if args.rollback and args.version:
@@ -134,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.rollback:
             done = rollback(args.repository, name)
         elif args.version:
-            done = promote(args.repository, name, args.version)
+            done = promote(args.repository, name, args.version, command=shlex.join(["mnist-promote", *argv]))
         else:
             pointer = _pointer(args.repository, name)
             versions = ", ".join(list_versions(args.repository, name))
