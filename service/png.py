@@ -17,7 +17,8 @@ Any other size or aspect is brought into MNIST's form the way MNIST itself was m
    and sensor noise are not taken for ink.
 4. **Crop** to the bounding box of the ink (the pixels above Otsu's threshold).
 5. **Fit into 20x20** (for 28x28; 20/28 of the model's size in general), keeping the aspect ratio, with an
-   antialiasing (Lanczos) resampling, as MNIST's digits were size-normalised to a 20x20 box.
+   antialiasing (Lanczos) resampling, as MNIST's digits were size-normalised to a 20x20 box; then scaled so
+   its brightest pixel is 255, as in every MNIST digit.
 6. **Centre by mass**: pasted into an empty 28x28 image so that the ink's centre of mass falls on the
    image centre, as MNIST did (shifted by whole pixels, never cutting the digit off).
 
@@ -110,13 +111,13 @@ def _flatten_alpha(img: Image.Image) -> np.ndarray:
     weight = alpha.sum()
     shade = float((gray * alpha).sum() / weight) if weight > 0 else 0.0
     background = 255.0 if shade < 128 else 0.0
-    flat: np.ndarray = gray * alpha + background * (1.0 - alpha)
+    flat: np.ndarray = np.rint(gray * alpha + background * (1.0 - alpha))  # 8-bit levels, as without alpha
     return flat
 
 
 def _otsu(values: np.ndarray) -> float:
     """Otsu's threshold of 8-bit-range values: the split that best separates ink from background."""
-    hist = np.bincount(np.clip(values, 0, 255).astype(np.uint8).ravel(), minlength=256).astype(np.float64)
+    hist = np.bincount(np.rint(np.clip(values, 0, 255)).astype(np.uint8).ravel(), minlength=256).astype(np.float64)
     total = hist.sum()
     levels = np.arange(256, dtype=np.float64)
     w0 = np.cumsum(hist)
@@ -187,10 +188,12 @@ def mnist_like(img: Image.Image, image_shape: tuple[int, int]) -> np.ndarray:
     scale = min(box_h / ch, box_w / cw)
     size = (max(1, min(box_w, round(cw * scale))), max(1, min(box_h, round(ch * scale))))
     fitted = Image.fromarray(crop.astype(np.float32), mode="F").resize(size, RESAMPLE)
-    digit = np.clip(np.asarray(fitted), 0.0, 255.0)
-    mass = float(digit.sum())
-    if mass <= 0.0:
+    digit = np.clip(np.asarray(fitted), 0.0, None)
+    peak = float(digit.max())
+    if peak <= 0.0:
         return out
+    digit *= 255.0 / peak  # MNIST's digits all reach full intensity (a thin or tiny digit would not)
+    mass = float(digit.sum())
     dh, dw = digit.shape
     cy = float((digit.sum(axis=1) * np.arange(dh)).sum() / mass)
     cx = float((digit.sum(axis=0) * np.arange(dw)).sum() / mass)
