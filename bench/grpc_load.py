@@ -44,6 +44,15 @@ def request_body(images: np.ndarray, model: str = "mnist-mlp", input_name: str =
     return req.SerializeToString()  # type: ignore[no-any-return]
 
 
+def digit_bodies(digits: np.ndarray, images: int, pool: int = 64, model: str = "mnist-mlp") -> list[bytes]:
+    """``pool`` request bodies of ``images`` digits each, (N, 784) uint8: consecutive digits for single images,
+    the bench's bulk slices (stride 97) for more."""
+    x = np.asarray(digits, dtype=np.uint8).reshape(len(digits), -1)
+    if images == 1:
+        return [request_body(x[i % len(x) : i % len(x) + 1], model) for i in range(pool)]
+    return [request_body(x[(np.arange(images) + k * 97) % len(x)], model) for k in range(pool)]
+
+
 @dataclass
 class GrpcResult:
     """One measured point; the same fields as the wrk result, with the generator's CPU as ``loadgen_cpu_s``."""
