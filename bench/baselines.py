@@ -1,14 +1,19 @@
-"""The designs the service is measured against, each a FastAPI app served exactly like the service
-(uvicorn, uvloop, httptools, one worker, no access log, same keep-alive), with the same model and the
-same ONNX Runtime session options (intra-op threads, no spinning):
+"""The designs the service is measured against, each served exactly like the service: the same server
+(uvicorn + httptools, one worker, no access log, same keep-alive), the same event loop as the service in the
+same run (``--loop``), the same model and the same ONNX Runtime session options (built by the service's own
+``service.model._session_options`` from the service's settings):
 
 - ``classic``: a pydantic ``list[float]`` body and one ``session.run`` per request, no batching
   (the lab report's Flask service, written in FastAPI);
-- ``careful``: raw body + orjson + the same validation as the service + one ``session.run`` per request;
-- ``ceiling``: reads the same body and returns a canned answer (no parsing, no model): the most this
-  framework and server can do on this machine;
-- ``asgi``: the same canned answer from a bare ASGI callable (no FastAPI/Starlette at all): what uvicorn
-  alone costs, i.e. how much of the ceiling is the framework (informational, not a target).
+- ``careful``: raw body + the service's own JSON decoder and validation (``service.decode.json_one``: typed
+  numbers only, shape, finiteness, range; the same 4xx errors) + one ``session.run`` per request;
+- ``ceiling``: a FastAPI route that reads the same body and returns a canned answer (no parsing, no model):
+  the most this framework and server can do on this machine;
+- ``asgi``: the same canned answer from a bare ASGI callable (no FastAPI/Starlette at all): what the HTTP
+  server alone costs.
+
+``--server granian`` serves ``asgi`` under granian instead of uvicorn (bench/granian_serve.py serves the
+service itself under granian).
 
 Run one: ``python -m bench.baselines --kind careful --model models/mnist-mlp/1 --port 8101``.
 """
@@ -30,21 +35,20 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
+from service import decode
+from service.errors import ServiceError, error_json
+from service.model import _session_options
+from service.settings import Settings, settings_from_args
+
 Kind = Literal["classic", "careful", "ceiling", "asgi"]
 KINDS: tuple[Kind, ...] = ("classic", "careful", "ceiling", "asgi")
+LOOPS = ("asyncio", "uvloop")
 _JSON = "application/json"
 
 
-def session_for(model_file: Path, intra_op_threads: int = 1) -> ort.InferenceSession:
-    """The service's default session options (see service/model.py)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = intra_op_threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+def session_for(model_file: Path, settings: Settings | None = None) -> ort.InferenceSession:
+    """A session with the service's options, from the service's settings (the ``MNIST_*`` environment)."""
+    opts = _session_options(settings or settings_from_args([]))
     return ort.InferenceSession(str(model_file), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -57,16 +61,12 @@ class PredictOut(BaseModel):
     probabilities: list[float]
 
 
-def _error(status: int, message: str) -> Response:
-    return Response(orjson.dumps({"error": {"code": "invalid_input", "message": message}}), status, media_type=_JSON)
-
-
 def _ready() -> Response:
     return Response(b'{"status":"ready"}', media_type=_JSON)
 
 
-def classic_app(model_file: Path, intra_op_threads: int = 1) -> FastAPI:
-    session = session_for(model_file, intra_op_threads)
+def classic_app(model_file: Path, settings: Settings | None = None) -> FastAPI:
+    session = session_for(model_file, settings)
     input_name = session.get_inputs()[0].name
     app = FastAPI()
 
@@ -80,21 +80,20 @@ def classic_app(model_file: Path, intra_op_threads: int = 1) -> FastAPI:
     return app
 
 
-def careful_app(model_file: Path, intra_op_threads: int = 1) -> FastAPI:
-    session = session_for(model_file, intra_op_threads)
+def careful_app(model_file: Path, settings: Settings | None = None) -> FastAPI:
+    s = settings or settings_from_args([])
+    session = session_for(model_file, s)
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
+    shape = decode.Shape(784, 28, 28, s.max_images_per_request, s.max_png_pixels)
     app = FastAPI()
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> Response:
         try:
-            doc = orjson.loads(await request.body())
-            x = np.asarray(doc["image"], dtype=np.float32).reshape(1, 784)
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            return _error(422, f"bad body: {exc}")
-        if not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0:
-            return _error(422, "pixels must be finite and in [0, 1]")
+            x = decode.decode(decode.SINGLE, request.headers.get("content-type"), await request.body(), shape)
+        except ServiceError as exc:
+            return Response(error_json(exc.code, exc.message, None), exc.status_code, media_type=_JSON)
         probs = session.run([output_name], {input_name: x})[0][0]
         content = orjson.dumps(
             {"label": int(probs.argmax()), "probabilities": probs}, option=orjson.OPT_SERIALIZE_NUMPY
@@ -156,29 +155,30 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(kind: Kind, model_file: Path | None, intra_op_threads: int = 1) -> Any:
+def create_app(kind: Kind, model_file: Path | None, settings: Settings | None = None) -> Any:
     if kind == "ceiling":
         return ceiling_app()
     if kind == "asgi":
         return asgi_app
     if model_file is None:
         raise ValueError(f"--model is required for {kind}")
-    return classic_app(model_file, intra_op_threads) if kind == "classic" else careful_app(model_file, intra_op_threads)
+    return classic_app(model_file, settings) if kind == "classic" else careful_app(model_file, settings)
 
 
-def serve(app: Any, host: str, port: int) -> None:
+def serve(app: Any, host: str, port: int, loop: str = "asyncio") -> None:
     """The service's uvicorn settings (service/server.py), so only the application code differs."""
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
-        loop="uvloop",
+        loop=loop,
         http="httptools",
         lifespan="on",
         log_level="warning",
         access_log=False,
         timeout_keep_alive=5,
         server_header=False,
+        proxy_headers=False,
     )
     uvicorn.Server(config).run()
 
@@ -189,13 +189,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="The model version folder (holding model.onnx).")
     parser.add_argument("--host", default="127.0.0.1", help="Interface (default 127.0.0.1).")
     parser.add_argument("--port", type=int, required=True, help="TCP port.")
-    parser.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime intra-op threads.")
+    parser.add_argument("--loop", choices=LOOPS, default=None,
+                        help="Event loop (default: the service's, MNIST_EVENT_LOOP or its default).")  # fmt: skip
+    parser.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn", help="HTTP server.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    settings = settings_from_args(
+        []
+    )  # the service's settings from the MNIST_* environment: session options, limits, loop
+    loop = args.loop or settings.event_loop
+    if args.server == "granian":
+        if args.kind != "asgi":
+            raise SystemExit("--server granian serves --kind asgi only (bench/granian_serve.py serves the service)")
+        from bench.granian_serve import serve_granian
+
+        serve_granian("bench.baselines:asgi_app", args.host, args.port, loop, factory=False)
+        return 0
     model_file = None
     if args.model is not None:
         model_file = args.model / "model.onnx" if args.model.is_dir() else args.model
-    serve(create_app(args.kind, model_file, args.intra_op_threads), args.host, args.port)
+    serve(create_app(args.kind, model_file, settings), args.host, args.port, loop)
     return 0
 
 

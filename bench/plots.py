@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -12,7 +13,18 @@ import matplotlib.pyplot as plt
 from bench.report import Point
 
 _DESIGNS = ("service", "careful", "classic", "ceiling", "asgi")
-_COLORS = {"service": "tab:blue", "careful": "tab:orange", "classic": "tab:red", "ceiling": "tab:gray", "asgi": "k"}
+_EXTRA = ("service-uvloop", "service-granian", "asgi-granian")
+_COLORS = {"service": "tab:blue", "careful": "tab:orange", "classic": "tab:red", "ceiling": "tab:gray", "asgi": "k",
+           "service-uvloop": "tab:cyan", "service-granian": "tab:purple", "asgi-granian": "tab:brown"}  # fmt: skip
+_CANNED = ("ceiling", "asgi", "asgi-granian")
+
+
+def title_of(result: dict[str, Any]) -> str:
+    """The plots' title: model, cores, loop, and the load average the run started under."""
+    m, mach = result["model"], result["machine"]
+    load = mach.get("loadavg_start", [0.0])[0]
+    return (f"{m['name']}/{m['version']}, {mach['cores']} cores, {result.get('loop', '?')} loop, "
+            f"load avg {load:.1f} at start")  # fmt: skip
 
 
 def _series(points: list[Point], design: str, workload: str) -> list[Point]:
@@ -22,13 +34,13 @@ def _series(points: list[Point], design: str, workload: str) -> list[Point]:
 
 def throughput_vs_concurrency(points: list[Point], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for design in _DESIGNS:
+    for design in _DESIGNS + _EXTRA:
         s = _series(points, design, "json")
         if s:
             ax.plot(
                 [p.concurrency for p in s],
                 [p.rps for p in s],
-                "o--" if design in ("ceiling", "asgi") else "o-",
+                ("o--" if design in _CANNED else "o-") if design in _DESIGNS else "D:",
                 color=_COLORS[design],
                 label=f"{design} (JSON)",
             )
@@ -36,11 +48,12 @@ def throughput_vs_concurrency(points: list[Point], path: Path, title: str) -> No
     if s:
         ax.plot([p.concurrency for p in s], [p.rps for p in s], "s:", color=_COLORS["service"], label="service (PNG)")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("concurrent connections")
-    ax.set_ylabel("requests/s (single image)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.set_ylabel("requests/s (single image, log)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -60,7 +73,7 @@ def latency_vs_throughput(points: list[Point], path: Path, title: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("requests/s (single-image JSON)")
     ax.set_ylabel("latency, ms (log)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -69,7 +82,7 @@ def latency_vs_throughput(points: list[Point], path: Path, title: str) -> None:
 
 
 def bulk_vs_engine(points: list[Point], engine_best: float | None, path: Path, title: str) -> None:
-    bulk = [p for p in points if p.design == "service" and p.workload.startswith("bulk-")]
+    bulk = [p for p in points if p.design == "service" and p.workload.startswith("bulk-") and not p.note]
     if not bulk:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -82,12 +95,12 @@ def bulk_vs_engine(points: list[Point], engine_best: float | None, path: Path, t
             if s:
                 ax.plot([p.images_per_request for p in s], [p.images_per_s for p in s], marker, label=f"{kind} c={c}")
     if engine_best:
-        ax.axhline(engine_best, color="k", linestyle=":", label="engine ceiling")
+        ax.axhline(engine_best, color="k", linestyle=":", label="best engine point (in-process ONNX Runtime)")
         ax.axhline(0.8 * engine_best, color="k", linestyle="-.", alpha=0.4, label="80% of it")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("images per request")
     ax.set_ylabel("images/s")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -113,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     fields = set(Point.__dataclass_fields__)
     points = [Point(**{k: v for k, v in p.items() if k in fields}) for p in r["points"]]
     best = r.get("engine", {}).get("best", {}).get("images_per_s")
-    m = r["model"]
-    write_all(points, best, out, f"{m['name']}/{m['version']}, {r['machine']['cores']} cores, wrk, 1 worker")
+    write_all(points, best, out, title_of(r))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Points, the printed table, and the issue's targets as ratios measured in one run."""
+"""Points, the printed table, and the targets as ratios measured in one run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 @dataclass
 class Point:
-    design: str  # service, service+accesslog, classic, careful, ceiling
+    design: str  # service, classic, careful, ceiling, asgi, service-uvloop, service-granian, asgi-granian, ...
     workload: str  # json, png, bulk-raw-1024, bulk-json-256, ...
     concurrency: int
     images_per_request: int
@@ -33,14 +33,26 @@ class Point:
     engine_calls: int
     note: str = ""
     repeats_rps: list[float] = field(default_factory=list)  # every repeat's req/s; the best one is reported
+    server_cpu_s: float = 0.0  # CPU-seconds of the server (all its threads and processes) over the point
+    server_rss_tree_peak_mb: float = 0.0  # every process of the server together (granian: supervisor + worker)
+    server_processes: int = 1
+    inline_batches: int | None = None  # engine calls run on the event loop during the point (the service only)
+    inline_max_ms: float | None = None  # the longest of them since the service started: the loop's worst stall
+    loop: str = ""  # the event loop the server ran
+    server: str = ""  # uvicorn or granian
 
     @property
     def req_per_cpu_s(self) -> float:
         """Requests per CPU-second of the server: the work per request, less sensitive to a shared machine."""
         return self.rps / self.server_cpu_util if self.server_cpu_util > 0 else 0.0
 
+    @property
+    def cpu_us_per_request(self) -> float:
+        """Server CPU per answered request, in microseconds (CPU-seconds / requests)."""
+        return 1e6 / self.req_per_cpu_s if self.req_per_cpu_s > 0 else 0.0
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "req_per_cpu_s": self.req_per_cpu_s}
+        return {**asdict(self), "req_per_cpu_s": self.req_per_cpu_s, "cpu_us_per_request": self.cpu_us_per_request}
 
 
 def best_of_repeats(points: list[Point]) -> list[Point]:
@@ -98,54 +110,30 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def targets(points: list[Point], engine_best_ips: float | None, c_high: int = 64, c_low: int = 1) -> list[Target]:
+def targets(points: list[Point], engine_best_ips: float | None, c_high: int = 64, c_low: int = 1,
+            bulk: int = 1024, mixed_p99_ms: float | None = None) -> list[Target]:  # fmt: skip
     svc, classic = find(points, "service", "json", c_high), find(points, "classic", "json", c_high)
-    careful, ceiling = find(points, "careful", "json", c_high), find(points, "ceiling", "json", c_high)
+    ceiling, asgi = find(points, "ceiling", "json", c_high), find(points, "asgi", "json", c_high)
     svc1, classic1 = find(points, "service", "json", c_low), find(points, "classic", "json", c_low)
-    bulk_raw = [p for p in points if p.design == "service" and p.workload.startswith("bulk-raw") and not p.errors]
-    best_bulk = max(bulk_raw, key=lambda p: p.images_per_s) if bulk_raw else None
-    service_points = [p for p in points if p.design.startswith("service")]
-    rss = max((p.server_rss_peak_mb for p in service_points), default=None)
-    single = [p for p in service_points if not p.workload.startswith("bulk") and "beside" not in p.note]
-    rss_single = max((p.server_rss_peak_mb for p in single), default=None)
+    bulk_pt = find(points, "service", f"bulk-raw-{bulk}", 2)
+    service_points = [p for p in points if p.design == "service" and "py-spy" not in p.note]
+    rss = max(service_points, key=lambda p: p.server_rss_peak_mb, default=None)
 
     def rps(p: Point | None) -> float | None:
         return p.rps if p else None
 
-    out = [
-        Target(
-            f"json c={c_high}: req/s vs classic",
-            _ratio(rps(svc), rps(classic)),
-            5.0,
-            "x",
-            True,
-            f"{rps(svc) or 0:.0f} vs {rps(classic) or 0:.0f} req/s",
-        ),
-        Target(
-            f"json c={c_high}: req/s vs careful unbatched",
-            _ratio(rps(svc), rps(careful)),
-            1.5,
-            "x",
-            True,
-            f"{rps(svc) or 0:.0f} vs {rps(careful) or 0:.0f} req/s",
-        ),
-        Target(
-            f"json c={c_high}: share of the framework ceiling",
-            _ratio(rps(svc), rps(ceiling)),
-            0.65,
-            "x",
-            True,
-            f"{rps(svc) or 0:.0f} vs {rps(ceiling) or 0:.0f} req/s",
-        ),
+    def vs(a: Point | None, b: Point | None) -> str:
+        return f"{rps(a) or 0:.0f} vs {rps(b) or 0:.0f} req/s"
+
+    return [
+        Target(f"json c={c_high}: req/s vs classic", _ratio(rps(svc), rps(classic)), 5.0, "x", True, vs(svc, classic)),
+        Target(f"json c={c_high}: req/s vs FastAPI canned route", _ratio(rps(svc), rps(ceiling)), 1.2, "x", True,
+               vs(svc, ceiling)),
+        Target(f"json c={c_high}: req/s vs bare ASGI canned answer", _ratio(rps(svc), rps(asgi)), 0.4, "x", True,
+               vs(svc, asgi)),
         Target(f"json c={c_high}: p99 latency", svc.p99_ms if svc else None, 20.0, "ms", False),
-        Target(
-            f"json c={c_high}: errors",
-            float(svc.errors) if svc else None,
-            0.0,
-            "",
-            False,
-            f"of {svc.requests if svc else 0} requests",
-        ),
+        Target(f"json c={c_high}: errors", float(svc.errors) if svc else None, 0.0, "", False,
+               f"of {svc.requests if svc else 0} requests"),
         Target(
             f"json c={c_low}: p50 vs classic p50",
             _ratio(svc1.p50_ms if svc1 else None, classic1.p50_ms if classic1 else None),
@@ -155,18 +143,26 @@ def targets(points: list[Point], engine_best_ips: float | None, c_high: int = 64
             f"{svc1.p50_ms if svc1 else 0:.3f} vs {classic1.p50_ms if classic1 else 0:.3f} ms",
         ),
         Target(
-            "bulk binary: share of the engine ceiling",
-            _ratio(best_bulk.images_per_s if best_bulk else None, engine_best_ips),
+            f"bulk-raw-{bulk} c=2: share of the best engine point",
+            _ratio(bulk_pt.images_per_s if bulk_pt else None, engine_best_ips),
             0.8,
             "x",
             True,
-            f"{best_bulk.images_per_s if best_bulk else 0:.0f} ({best_bulk.workload if best_bulk else '-'}, "
-            f"c={best_bulk.concurrency if best_bulk else 0}) vs {engine_best_ips or 0:.0f} images/s",
+            f"{bulk_pt.images_per_s if bulk_pt else 0:.0f} vs {engine_best_ips or 0:.0f} images/s",
         ),
-        Target("peak RSS under load, per worker", rss, 150.0, "MB", False, "max over every service point"),
-        Target("peak RSS, single-image loads only", rss_single, 150.0, "MB", False, "JSON and PNG points"),
-    ]
-    return out
+        Target("single image (json c=1) beside bulk: p99", mixed_p99_ms, 5.0, "ms", False,
+               f"beside bulk-raw-{bulk} c=2"),
+        Target(
+            f"json c={c_high}: server CPU per request vs FastAPI canned route",
+            _ratio(svc.cpu_us_per_request if svc else None, ceiling.cpu_us_per_request if ceiling else None),
+            1.0,
+            "x",
+            False,
+            f"{svc.cpu_us_per_request if svc else 0:.0f} vs {ceiling.cpu_us_per_request if ceiling else 0:.0f} us",
+        ),
+        Target("peak RSS, every service load", rss.server_rss_peak_mb if rss else None, 150.0, "MB", False,
+               f"highest at {rss.workload} c={rss.concurrency} {rss.note}".rstrip() if rss else ""),
+    ]  # fmt: skip
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -176,14 +172,14 @@ def _fmt(v: float | None, spec: str) -> str:
 def table(points: list[Point]) -> str:
     head = (
         f"{'design':<18} {'workload':<15} {'conc':>5} {'req/s':>9} {'images/s':>10} {'p50 ms':>8} {'p95 ms':>8} "
-        f"{'p99 ms':>8} {'errors':>6} {'batch':>6} {'srv cpu':>7} {'req/cpu-s':>9} {'rss MB':>7} {'wrk cpu':>7}"
+        f"{'p99 ms':>8} {'errors':>6} {'batch':>6} {'srv cpu':>7} {'us/req':>7} {'rss MB':>7} {'gen cpu':>7}"
     )
     lines = [head, "-" * len(head)]
     for p in points:
         lines.append(
             f"{p.design:<18} {p.workload:<15} {p.concurrency:>5} {p.rps:>9.0f} {p.images_per_s:>10.0f} "
             f"{p.p50_ms:>8.2f} {p.p95_ms:>8.2f} {p.p99_ms:>8.2f} {p.errors:>6} {_fmt(p.mean_batch, '6.1f'):>6} "
-            f"{p.server_cpu_util:>7.2f} {p.req_per_cpu_s:>9.0f} {p.server_rss_peak_mb:>7.0f} {p.wrk_cpu_util:>7.2f}"
+            f"{p.server_cpu_util:>7.2f} {p.cpu_us_per_request:>7.0f} {p.server_rss_peak_mb:>7.0f} {p.wrk_cpu_util:>7.2f}"
             + (f"  {p.note}" if p.note else "")
         )
     return "\n".join(lines)

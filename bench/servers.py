@@ -3,6 +3,7 @@ read from them during a point (CPU seconds and resident memory through psutil, b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -98,9 +99,11 @@ def start(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None 
 class ProcSample:
     cpu_s: float
     wall_s: float
-    rss_peak_mb: float
+    rss_peak_mb: float  # the largest single process of the tree (the one that serves)
     rss_end_mb: float
     threads: int
+    rss_tree_peak_mb: float = 0.0  # every process of the tree together (granian: supervisor + worker)
+    processes: int = 1
 
     @property
     def cpu_util(self) -> float:
@@ -110,33 +113,52 @@ class ProcSample:
 
 @dataclass
 class ProcSampler:
-    """CPU seconds (all threads) between start and stop, and the peak RSS sampled every ``interval`` s."""
+    """CPU seconds (all threads of the process and of its children, e.g. granian's worker) between start and
+    stop, and the peak RSS sampled every ``interval`` s: of the largest process, and of the tree together."""
 
     pid: int
     interval: float = 0.05
-    _proc: psutil.Process = field(init=False)
+    _procs: list[psutil.Process] = field(init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _peak: int = field(default=0, init=False)
+    _tree_peak: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        self._proc = psutil.Process(self.pid)
+        root = psutil.Process(self.pid)
+        self._procs = [root, *root.children(recursive=True)]
 
     def _cpu(self) -> float:
-        t = self._proc.cpu_times()
-        return float(t.user + t.system)
+        total = 0.0
+        for p in self._procs:
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            total += float(t.user + t.system)
+        return total
+
+    def _rss(self) -> tuple[int, int]:
+        sizes = []
+        for p in self._procs:
+            try:
+                sizes.append(p.memory_info().rss)
+            except psutil.Error:
+                continue
+        return (max(sizes), sum(sizes)) if sizes else (0, 0)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self._peak = max(self._peak, self._proc.memory_info().rss)
-            except psutil.Error:
+            one, tree = self._rss()
+            if not tree:
                 return
+            self._peak = max(self._peak, one)
+            self._tree_peak = max(self._tree_peak, tree)
 
     def __enter__(self) -> ProcSampler:
         self._cpu0 = self._cpu()
         self._t0 = time.monotonic()
-        self._peak = self._proc.memory_info().rss
+        self._peak, self._tree_peak = self._rss()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self
@@ -145,13 +167,19 @@ class ProcSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        rss = self._proc.memory_info().rss
+        one, tree = self._rss()
+        threads = 0
+        for p in self._procs:
+            with contextlib.suppress(psutil.Error):
+                threads += p.num_threads()
         self.sample = ProcSample(
             cpu_s=self._cpu() - self._cpu0,
             wall_s=time.monotonic() - self._t0,
-            rss_peak_mb=max(self._peak, rss) / 2**20,
-            rss_end_mb=rss / 2**20,
-            threads=self._proc.num_threads(),
+            rss_peak_mb=max(self._peak, one) / 2**20,
+            rss_end_mb=one / 2**20,
+            threads=threads,
+            rss_tree_peak_mb=max(self._tree_peak, tree) / 2**20,
+            processes=len(self._procs),
         )
 
 

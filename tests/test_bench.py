@@ -1,17 +1,27 @@
-"""A smoke run of the benchmark suite in a tiny configuration: it completes, writes a complete JSON, the
-plots and the targets, and stops every server it started. No timing is asserted here: speed is what
-``mnist-bench`` prints."""
+"""The benchmark suite: a smoke run in a tiny configuration (it completes, writes a complete JSON with every
+design, the gRPC points, the inline-batch figures, the plots and the targets, and stops every server it
+started), and the fairness of its baselines (the careful design refuses exactly what the service refuses,
+every design reports the event loop of the run, the engine sweep includes the service's session options).
+No timing is asserted here: speed is what ``mnist-bench`` prints."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import psutil
 import pytest
 
+from bench import engine
+from bench.servers import ServerProc, start
+from service.model import _session_options
+from service.settings import settings_from_args
 from tests.helpers import ROOT, write_model
 
 POINT_KEYS = {
@@ -27,9 +37,16 @@ POINT_KEYS = {
     "errors",
     "mean_batch",
     "server_cpu_util",
+    "server_cpu_s",
+    "cpu_us_per_request",
     "server_rss_peak_mb",
     "wrk_cpu_util",
+    "inline_batches",
+    "inline_max_ms",
+    "loop",
+    "server",
 }
+DESIGNS = ("service", "classic", "careful", "ceiling", "asgi", "service-uvloop", "service-granian", "asgi-granian")
 
 
 @pytest.mark.slow
@@ -37,71 +54,153 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     write_model(repo, "tiny", "1")
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "bench.run",
-        "--model-repository",
-        str(repo),
-        "--out",
-        str(out),
-        "--duration",
-        "1",
-        "--repeat",
-        "1",
-        "--warmup",
-        "0",
-        "--concurrency",
-        "8",
-        "--high",
-        "8",
-        "--bulk-sizes",
-        "256",
-        "--bulk-json-sizes",
-        "64",
-        "--bulk-concurrency",
-        "1",
-        "--mixed-bulk",
-        "256",
-        "--engine-seconds",
-        "0.02",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "bench.run", "--model-repository", str(repo), "--out", str(out),
+           "--duration", "1", "--repeat", "1", "--warmup", "0", "--concurrency", "8", "--extra-concurrency", "8",
+           "--high", "8", "--bulk-sizes", "256", "--bulk-json-sizes", "64", "--bulk-json-over", "2048",
+           "--bulk-concurrency", "2", "--mixed-bulk", "256", "--engine-seconds", "0.02"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     result = json.loads((out / "results.json").read_text())
+    assert result["command"].startswith("mnist-bench --model-repository")
     for pid in (s["pid"] for s in result["servers"].values()):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
     points = result["points"]
     seen = {(p["design"], p["workload"]) for p in points}
-    for design in ("service", "classic", "careful", "ceiling", "asgi", "service+accesslog"):
+    for design in (*DESIGNS, "service+accesslog"):
         assert (design, "json") in seen, design
     assert {("service", "png"), ("service", "bulk-raw-256"), ("service", "bulk-json-64")} <= seen
+    assert {("service+grpc", "grpc"), ("service+grpc", "grpc-bulk-256")} <= seen
+    assert {("service-uvloop", "bulk-raw-256"), ("service-granian", "bulk-raw-256")} <= seen
+    loop = result["loop"]
+    assert loop == settings_from_args([]).event_loop  # the service's default, for every design
     for p in points:
         assert p.keys() >= POINT_KEYS
-        assert p["rps"] > 0, p
+        assert p["loop"] == ("uvloop" if p["design"] == "service-uvloop" else loop), p
+        assert p["server"] == ("granian" if p["design"].endswith("granian") else "uvicorn"), p
         assert p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"], p
+    over = [p for p in points if "413 expected" in p["note"]]
+    assert len(over) == 1
+    assert over[0]["workload"] == "bulk-json-2048"
+    assert over[0]["rps"] == 0  # nothing over the JSON cap is answered 200
+    assert over[0]["errors"] > 0
     for p in points:
+        if p in over:
+            continue
+        assert p["rps"] > 0, p
         if p["design"].startswith("service"):
             assert p["errors"] == 0, p  # good input must never fail
             assert p["mean_batch"] is not None, p  # read from the service's /metrics
             assert p["mean_batch"] >= 1, p
+            assert p["inline_batches"] is not None, p
             assert p["server_rss_peak_mb"] > 10, p
-    bulk = next(p for p in points if p["workload"] == "bulk-raw-256")
+    granian = next(p for p in points if p["design"] == "service-granian" and p["workload"] == "json")
+    assert granian["server_processes"] == 2  # supervisor + worker, both measured
+    assert granian["server_rss_tree_peak_mb"] > granian["server_rss_peak_mb"]
+    bulk = next(p for p in points if p["design"] == "service" and p["workload"] == "bulk-raw-256")
     assert bulk["images_per_s"] == pytest.approx(bulk["rps"] * 256)
+    grpc = next(p for p in points if p["workload"] == "grpc-bulk-256")
+    assert grpc["images_per_s"] == pytest.approx(grpc["rps"] * 256)
+    assert grpc["wrk_cpu_util"] > 0  # the gRPC generator's own CPU
 
-    engine = result["engine"]
-    assert engine["best"]["images_per_s"] > 0
-    assert {(e["intra_op_threads"], e["spinning"]) for e in engine["points"]} == {(1, False), (2, False), (2, True)}
+    assert set(result["inline"]) >= {"service", "service-uvloop", "service-granian"}
+    assert "inline batches on the event loop, service:" in proc.stdout
+    assert [r["design"] for r in result["loops"]] == ["service", "service-uvloop"]
+    assert {(r["app"], r["concurrency"]) for r in result["servers_compared"]} == {("service", 8), ("asgi", 8)}
+
+    eng = result["engine"]
+    assert eng["best"]["images_per_s"] > 0
+    assert {e["config"] for e in eng["points"]} == set(engine.CONFIGS)
     assert result["mixed"]["bulk_images_per_s"] > 0
     assert result["mixed"]["p99_ms"] > 0
 
     names = [t["name"] for t in result["targets"]]
-    assert len(names) == 9
+    assert len(names) == 10
     for t in result["targets"]:
         assert isinstance(t["passed"], bool)
         assert t["measured"] is not None, t
         assert ("PASS  " + t["name"] if t["passed"] else "MISS  " + t["name"]) in proc.stdout
     for png in ("throughput_vs_concurrency.png", "latency_vs_throughput.png", "bulk_vs_engine.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The plots are redrawn from the committed raw results alone.
+    redrawn = tmp_path / "redrawn"
+    redrawn.mkdir()
+    subprocess.run([sys.executable, "-m", "bench.plots", str(out / "results.json"), str(redrawn)], cwd=ROOT,
+                   check=True, timeout=120)  # fmt: skip
+    assert (redrawn / "throughput_vs_concurrency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict[str, object]]:
+    req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), json.loads(exc.read())
+
+
+BAD_BODIES = {
+    "string pixels": json.dumps({"image": ["0.5"] * 784}).encode(),
+    "boolean pixels": json.dumps({"image": [True] * 784}).encode(),
+    "out of range": json.dumps({"image": [2.0] * 784}).encode(),
+    "negative": json.dumps({"image": [-0.1] * 784}).encode(),
+    "wrong length": json.dumps({"image": [0.5] * 783}).encode(),
+    "ragged rows": json.dumps({"image": [[0.5] * 28] * 27 + [[0.5] * 27]}).encode(),
+    "no image field": json.dumps({"images": [[0.5] * 784]}).encode(),
+    "not JSON": b"{not json",
+    "empty": b"",
+}
+
+
+@pytest.mark.slow
+def test_careful_baseline_refuses_what_the_service_refuses(tmp_path: Path) -> None:
+    """The careful design validates with the service's own decoder: same status and error code for each bad
+    body, and the same answer for good bodies (flat and 28x28)."""
+    repo = tmp_path / "repo"
+    folder = write_model(repo, "tiny", "1")
+    env = {"MNIST_MODEL_REPOSITORY": str(repo), "MNIST_MODEL_VERSION": "1"}
+    servers: list[ServerProc] = [
+        start("service", ["-m", "service.server", "--no-access-log"], tmp_path, env),
+        start("careful", ["-m", "bench.baselines", "--kind", "careful", "--model", str(folder)], tmp_path, env),
+    ]
+    try:
+        for s in servers:
+            s.wait_ready()
+        svc, careful = (s.url + "/v1/predict" for s in servers)
+        for what, body in BAD_BODIES.items():
+            a, b = _post(svc, body), _post(careful, body)
+            assert 400 <= a[0] < 500, (what, a)
+            assert a[0] == b[0], (what, a, b)
+            assert a[1]["error"]["code"] == b[1]["error"]["code"], (what, a, b)  # type: ignore[index]
+        rng = np.random.default_rng(0)
+        image = rng.random(784)
+        for body in (json.dumps({"image": image.tolist()}), json.dumps({"image": image.reshape(28, 28).tolist()})):
+            a, b = _post(svc, body.encode()), _post(careful, body.encode())
+            assert a[0] == b[0] == 200
+            assert a[1]["label"] == b[1]["label"]
+            assert np.allclose(a[1]["probabilities"], b[1]["probabilities"], atol=1e-6)  # type: ignore[arg-type]
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_engine_sweep_uses_the_service_session_options() -> None:
+    settings = settings_from_args([])
+    opts, threads, spinning = engine.options("service", settings)
+    ref = _session_options(settings)
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (
+        ref.intra_op_num_threads,
+        ref.inter_op_num_threads,
+    )
+    assert opts.graph_optimization_level == ref.graph_optimization_level
+    assert opts.execution_mode == ref.execution_mode
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        assert opts.get_session_config_entry(key) == ref.get_session_config_entry(key)
+    assert (threads, spinning) == (settings.intra_op_threads, settings.allow_spinning)
+    default, threads, _ = engine.options("ort-default", settings)
+    assert default.intra_op_num_threads == ort.SessionOptions().intra_op_num_threads
+    assert threads == 0
+    with pytest.raises(ValueError, match="unknown engine configuration"):
+        engine.options("fastest", settings)
