@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.utils import InferenceServerException
 
+from bench import grpc_load
 from reliability.serverproc import wait_ready
 from tests.helpers import DEFAULT_MODEL, ROOT, Server, assert_clean_shutdown, load_mnist_test, start_server
 from tests.standin import Engine
@@ -422,6 +423,21 @@ def test_metrics_are_labelled_by_transport(served: tuple[Server, str], tc: tg.In
     assert metric(srv, "mnist_inference_requests_total", 'transport="http"') == before["http"] + 1
     assert metric(srv, "mnist_grpc_requests_total", 'code="OK",method="ModelInfer"') == ok + 1
     assert metric(srv, "mnist_grpc_request_duration_seconds_count", 'method="ModelInfer"') == count + 1
+
+
+def test_the_bench_load_generator(target: str, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """bench/grpc_load.py against the server: every call answered OK, latencies and its own CPU reported."""
+    bodies = grpc_load.digit_bodies(digits[0], 1, pool=8)
+    result = grpc_load.run(target, bodies, concurrency=4, duration_s=2.0, warmup_s=0.2, processes=2)
+    assert result.requests > 0
+    assert result.statuses == {"OK": result.requests}
+    assert 0 < result.p50_ms <= result.p99_ms <= result.latency_max_ms
+    assert result.loadgen_cpu_s > 0
+    assert result.to_dict()["images_per_s"] == result.good_rps
+    bulk = grpc_load.run(target, grpc_load.digit_bodies(digits[0], 64, pool=2), concurrency=1, duration_s=0.5,
+                         warmup_s=0.1, images_per_request=64)  # fmt: skip
+    assert bulk.errors == 0
+    assert bulk.images_per_s == bulk.good_rps * 64
 
 
 # ---------------------------------------------------------------------------------------------- waiting calls
