@@ -204,3 +204,22 @@ def test_engine_sweep_uses_the_service_session_options() -> None:
     assert threads == 0
     with pytest.raises(ValueError, match="unknown engine configuration"):
         engine.options("fastest", settings)
+
+
+@pytest.mark.slow
+def test_guards_check_probes_both_servers(tmp_path: Path) -> None:
+    """The guard probes run against the service under uvicorn and under granian; under uvicorn (the service's
+    own guards, service/guards.py) every one holds, so the probes themselves are sound."""
+    repo = tmp_path / "repo"
+    write_model(repo, "tiny", "1")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bench.guards_check", "--model-repository", str(repo), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    probes = json.loads((out / "guards.json").read_text())["probes"]
+    names = {"huge-headers", "slow-headers", "slow-body", "declared-too-large", "idle-connections"}
+    for server in ("uvicorn", "granian"):
+        mine = [p for p in probes if p["server"] == server]
+        assert {p["probe"] for p in mine} == names
+        assert all(isinstance(p["held"], bool) for p in mine)
+    assert all(p["held"] for p in probes if p["server"] == "uvicorn"), probes
