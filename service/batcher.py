@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -73,6 +74,7 @@ class Batcher:
         self._sec_per_image = 2e-5  # for Retry-After and deadline admission (exponentially weighted)
         self.inline_max_s = 0.0  # the longest batch run on the event loop so far (the loop's worst stall)
         self._observations = Observations(self.engine, observer)
+        self._requests = itertools.count()  # numbers the requests: the chunks of one bulk request share one
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -127,7 +129,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = loop.time()
         step = self.bulk_chunk_images if bulk else n
-        items = [self._enqueue(loop, model, images[i : i + step], bulk, now, deadline, why, gone)
+        request = next(self._requests)
+        items = [self._enqueue(loop, model, images[i : i + step], bulk, now, deadline, why, gone, request)
                  for i in range(0, n, step)]  # fmt: skip
         self._wakeup.set()
         if deadline < self._timer_at:
@@ -165,8 +168,8 @@ class Batcher:
             )
 
     def _enqueue(self, loop: asyncio.AbstractEventLoop, model: Model, images: np.ndarray, bulk: bool, now: float,
-                 deadline: float, why: str, gone: Callable[[], bool] | None) -> Item:  # fmt: skip
-        item = Item(images, model, loop.create_future(), now, deadline, why, gone)
+                 deadline: float, why: str, gone: Callable[[], bool] | None, request: int) -> Item:  # fmt: skip
+        item = Item(images, model, loop.create_future(), now, deadline, why, gone, request)
         q = 1 if bulk else 0
         self._queues[q].append(item)
         self._queued[q] += item.n

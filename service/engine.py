@@ -25,19 +25,22 @@ log = logging.getLogger("service.engine")
 
 #: What a caller gets: its rows of the output, seconds queued, seconds of the engine call, images in that call.
 Result = tuple[np.ndarray, float, float, int]
-#: Called after each successful batch with (model, inputs float32 (N, F), probabilities, per-item row counts).
-BatchObserver = Callable[["Model", np.ndarray, np.ndarray, Sequence[int]], None]
+#: Called after each successful batch with (model, inputs float32 (N, F), probabilities, and per item in order
+#: (request number, rows)): the chunks of one bulk request share its number.
+BatchObserver = Callable[["Model", np.ndarray, np.ndarray, Sequence[tuple[int, int]]], None]
 #: A finished engine call: (inputs as float32, probabilities, seconds), or None when skipped.
 Computed = tuple[np.ndarray, np.ndarray, float] | None
 
 
 class Item:
-    __slots__ = ("deadline", "enqueued", "future", "gone", "images", "model", "n", "why")
+    """Queued work: one request, or one chunk of a bulk request (``request`` is shared by its chunks)."""
+
+    __slots__ = ("deadline", "enqueued", "future", "gone", "images", "model", "n", "request", "why")
 
     def __init__(self, images: np.ndarray, model: Model, future: asyncio.Future[Result], enqueued: float,
-                 deadline: float, why: str, gone: Callable[[], bool] | None) -> None:  # fmt: skip
+                 deadline: float, why: str, gone: Callable[[], bool] | None, request: int) -> None:  # fmt: skip
         self.images, self.model, self.future, self.n = images, model, future, images.shape[0]
-        self.enqueued, self.deadline, self.why, self.gone = enqueued, deadline, why, gone
+        self.enqueued, self.deadline, self.why, self.gone, self.request = enqueued, deadline, why, gone, request
 
 
 def scale_of(model: Model) -> np.float32:
@@ -156,6 +159,6 @@ class Observations:
         assert self.observer is not None
         for batch, x, probs in pending:
             try:
-                self.observer(batch[0].model, x, probs, [it.n for it in batch])
+                self.observer(batch[0].model, x, probs, [(it.request, it.n) for it in batch])
             except Exception:
                 log.exception("batch observer failed")

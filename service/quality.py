@@ -22,6 +22,7 @@ over N), so below ``MIN_DRIFT_SAMPLES`` images the score is NaN (unknown) rather
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -63,7 +64,7 @@ class Quality(Collector):
         self._means = np.zeros(window, dtype=np.float32)
         self._classes = np.zeros(window, dtype=np.int64)
         self._requests = np.zeros(window, dtype=np.int64)
-        self._serial = 0
+        self._seen: OrderedDict[int, int] = OrderedDict()  # request number -> images it added to the window
         self._filled = 0
         self._pos = 0
         self._reference: Reference | None = None
@@ -76,33 +77,40 @@ class Quality(Collector):
             self._pos = 0
 
     # ---------------------------------------------------------------- hot path (engine thread)
-    def record_batch(self, model: Model, x: np.ndarray, probs: np.ndarray, rows: Sequence[int]) -> None:
-        """One engine call's inputs (N, features) in [0, 1], outputs (N, classes), and each request's row count.
+    def record_batch(self, model: Model, x: np.ndarray, probs: np.ndarray, parts: Sequence[tuple[int, int]]) -> None:
+        """One engine call's inputs (N, features) in [0, 1], outputs (N, classes), and per item (request number,
+        rows), in row order.
 
         Vectorized (one einsum, one argmax, one bincount per batch). Every image counts in the class and
-        confidence statistics; each request adds at most ``MAX_IMAGES_PER_REQUEST`` images to the drift window.
+        confidence statistics; each request adds at most ``MAX_IMAGES_PER_REQUEST`` images to the drift window,
+        across all the chunks of a bulk request.
         """
         n = len(probs)
         labels = probs.argmax(axis=1)
         self._confidence.observe_many(probs[np.arange(n), labels])
         counts = np.bincount(labels, minlength=self.n_classes)[: self.n_classes]
-        if max(rows) > MAX_IMAGES_PER_REQUEST:
-            starts = np.cumsum([0, *rows[:-1]])
-            idx = np.concatenate(
-                [np.arange(s, s + min(r, MAX_IMAGES_PER_REQUEST)) for s, r in zip(starts, rows, strict=True)]
-            )
-            x, labels = x[idx], labels[idx]
-        serials = np.repeat(np.arange(len(rows)), [min(r, MAX_IMAGES_PER_REQUEST) for r in rows])
-        means = np.einsum("ij->i", x) * np.float32(1.0 / x.shape[1])
-        k = min(len(means), self._window)  # only the last ``window`` images can stay
-        m = len(means)
         with self._lock:
             self._class_counts += counts
-            serials = serials + self._serial
-            self._serial += len(rows)
+            takes = []
+            for request, rows in parts:
+                seen = self._seen.pop(request, 0)
+                take = max(0, min(rows, MAX_IMAGES_PER_REQUEST - seen))
+                self._seen[request] = seen + take
+                takes.append(take)
+            while len(self._seen) > 4096:  # requests long finished
+                self._seen.popitem(last=False)
+        if sum(takes) < n:
+            starts = np.cumsum([0, *(r for _, r in parts[:-1])])
+            idx = np.concatenate([np.arange(s, s + t) for s, t in zip(starts, takes, strict=True)])
+            x, labels = x[idx], labels[idx]
+        requests = np.repeat(np.fromiter((r for r, _ in parts), dtype=np.int64, count=len(parts)), takes)
+        means = np.einsum("ij->i", x) * np.float32(1.0 / x.shape[1])
+        m = len(means)
+        k = min(m, self._window)  # only the last ``window`` images can stay
+        with self._lock:
             pos = self._pos
             head = min(k, self._window - pos)
-            for ring, values in ((self._means, means), (self._classes, labels), (self._requests, serials)):
+            for ring, values in ((self._means, means), (self._classes, labels), (self._requests, requests)):
                 ring[pos : pos + head] = values[m - k : m - k + head]
                 if k > head:  # wrap around
                     ring[: k - head] = values[m - k + head :]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 
@@ -148,9 +149,12 @@ def test_observe_batch_and_model_info(tiny_model: Model) -> None:
     assert value == 1
 
 
-def singles(labels: np.ndarray) -> list[int]:
+_REQUESTS = itertools.count(1_000_000)
+
+
+def singles(labels: np.ndarray) -> list[tuple[int, int]]:
     """Each image its own request (the drift window takes at most 64 images of one request)."""
-    return [1] * len(labels)
+    return [(next(_REQUESTS), 1) for _ in range(len(labels))]
 
 
 def test_design_doc_lists_the_exported_metrics() -> None:
@@ -316,13 +320,19 @@ def test_one_big_request_adds_a_bounded_share_of_the_drift_window(tiny_model: Mo
     q = Quality(10, window=1000)
     reg = CollectorRegistry()
     reg.register(q)
-    q.record_batch(tiny_model, np.zeros((4096, 784), np.float32), one_hot(np.zeros(4096, np.int64)), [4096])
+    q.record_batch(tiny_model, np.zeros((4096, 784), np.float32), one_hot(np.zeros(4096, np.int64)), [(1, 4096)])
     s = samples(reg)
     assert s["mnist_drift_window_images"][0][1] == MAX_IMAGES_PER_REQUEST
     assert s["mnist_drift_window_requests"][0][1] == 1
     assert s["mnist_predictions_total"][0][1] == 4096  # every image still counts in the class statistics
-    q.record_batch(tiny_model, np.zeros((5, 784), np.float32), one_hot(np.zeros(5, np.int64)), [1, 1, 3])
+    q.record_batch(tiny_model, np.zeros((5, 784), np.float32), one_hot(np.zeros(5, np.int64)), [(2, 1), (3, 1), (4, 3)])
     assert samples(reg)["mnist_drift_window_requests"][0][1] == 4
+    # The chunks of one bulk request (engine calls of 1,024) share its number: 64 images in all, one request.
+    for _ in range(3):
+        q.record_batch(tiny_model, np.zeros((1024, 784), np.float32), one_hot(np.zeros(1024, np.int64)), [(9, 1024)])
+    s = samples(reg)
+    assert s["mnist_drift_window_images"][0][1] == MAX_IMAGES_PER_REQUEST + 5 + MAX_IMAGES_PER_REQUEST
+    assert s["mnist_drift_window_requests"][0][1] == 5
 
 
 def test_quality_exposition_before_and_after_traffic(tiny_model: Model) -> None:
@@ -334,7 +344,7 @@ def test_quality_exposition_before_and_after_traffic(tiny_model: Model) -> None:
     assert {lb["feature"] for lb, _ in s["mnist_drift_score"]} == {"mean_intensity", "predicted_class"}
     probs = one_hot(np.array([3, 3, 5]), confidence=0.95)
     probs[2] = one_hot(np.array([5]), confidence=0.45)[0]
-    q.record_batch(tiny_model, np.zeros((3, 784), np.float32), probs, [1, 1, 1])
+    q.record_batch(tiny_model, np.zeros((3, 784), np.float32), probs, [(5, 1), (6, 1), (7, 1)])
     s = samples(reg)
     preds = {lb["class"]: v for lb, v in s["mnist_predictions_total"]}
     assert preds == {str(c): {3: 2, 5: 1}.get(c, 0) for c in range(10)}
