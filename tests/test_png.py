@@ -7,6 +7,7 @@ import io
 import struct
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from PIL import Image
 
 from service.errors import MalformedBody, PayloadTooLarge
 from service.png import png_pixels
-from tests.helpers import DEFAULT_MODEL, ROOT, load_mnist_test
+from tests.helpers import DEFAULT_MODEL, ROOT, load_mnist_test, start_server
 
 SHAPE = (28, 28)
 LIMIT = 4096 * 4096
@@ -61,7 +62,8 @@ def classify() -> Classify:
 
     def run(images: np.ndarray) -> np.ndarray:
         x = images.reshape(len(images), -1).astype(np.float32) / 255
-        return np.asarray(session.run(None, {name: x})[0]).argmax(axis=1)
+        labels: np.ndarray = np.asarray(session.run(None, {name: x})[0]).argmax(axis=1)
+        return labels
 
     return run
 
@@ -252,3 +254,32 @@ def test_any_real_png_gives_pixels(width: int, height: int, mode: str, seed: int
     result = png_pixels(out.getvalue(), SHAPE, LIMIT)
     assert result.shape == (1, 784)
     assert result.dtype == np.uint8
+
+
+# ------------------------------------------------------------------------------------------- over HTTP
+def test_a_phone_photo_over_http(tmp_path: Path) -> None:
+    """The real service with the default model: a large photo-like PNG (raw body and multipart upload) gets
+    the answer the model gives the original 28x28 digit; bad PNGs get clean 4xx JSON errors."""
+    x, _ = digits(6)
+    rng = np.random.default_rng(1)
+    server = start_server(DEFAULT_MODEL.parent.parent, tmp_path, "--model-name", DEFAULT_MODEL.parent.name)
+    try:
+        with server.client() as client:
+            agree = 0
+            for digit in x:
+                expected = client.post("/v1/predict", content=png(digit), headers={"content-type": "image/png"})
+                assert expected.status_code == 200, expected.text
+                photo = render(digit, "photo", rng)
+                raw = client.post("/v1/predict", content=photo, headers={"content-type": "image/png"})
+                upload = client.post("/v1/predict", files={"file": ("digit.png", photo, "image/png")})
+                assert raw.status_code == 200, raw.text
+                assert upload.status_code == 200, upload.text
+                assert raw.json()["label"] == upload.json()["label"]
+                agree += int(raw.json()["label"] == expected.json()["label"])
+            assert agree >= 5, agree
+            for body, status in ((b"\x89PNG\r\n\x1a\nnot really", 400), (declared(20000, 20000), 413)):
+                r = client.post("/v1/predict", content=body, headers={"content-type": "image/png"})
+                assert r.status_code == status, r.text
+                assert set(r.json()["error"]) >= {"code", "message", "request_id"}
+    finally:
+        assert server.terminate() == 0, server.logs()
