@@ -117,6 +117,7 @@ class Feedback(Collector):
             outcomes = np.fromiter((c for c, _ in self._window), dtype=bool, count=len(self._window))
             counts = dict(self._counts)
             sources = len(self._sources)
+            top = max(self._sources.values(), default=0)
         family = CounterMetricFamily("mnist_feedback", "Labelled feedback received, by outcome.", labels=["outcome"])
         for outcome, count in counts.items():
             family.add_metric([outcome], float(count))
@@ -130,5 +131,10 @@ class Feedback(Collector):
                                 value=len(outcomes))  # fmt: skip
         yield GaugeMetricFamily("mnist_feedback_sources", "Distinct clients among the feedback samples in the accuracy.",
                                 value=sources)  # fmt: skip
+        yield GaugeMetricFamily(
+            "mnist_feedback_top_source_share",
+            "Share of the accuracy's feedback samples that the busiest client sent (0 before any).",
+            value=top / len(outcomes) if len(outcomes) else 0.0,
+        )
         yield GaugeMetricFamily("mnist_feedback_remembered_bytes", "Bytes held by remembered predictions.",
                                 value=self._bytes)  # fmt: skip

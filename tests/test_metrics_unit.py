@@ -301,6 +301,7 @@ def test_feedback_scores_remembered_predictions_once() -> None:
     assert s["mnist_production_accuracy"][0][1] == pytest.approx(2 / 3)
     assert s["mnist_production_accuracy_samples"][0][1] == 3
     assert s["mnist_feedback_sources"][0][1] == 3
+    assert s["mnist_feedback_top_source_share"][0][1] == pytest.approx(1 / 3)
 
 
 def test_feedback_is_rate_limited_per_client() -> None:
