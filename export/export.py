@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--alias",
         dest="aliases",
         action="append",
-        default=[],
+        default=None,
         help="set this alias (e.g. champion) on the new registered version; repeatable",
     )
     p.add_argument("--verbose", action="store_true", help="show TensorFlow's own log lines")
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: Sequence[str]) -> ExportConfig:
     ns = vars(build_parser().parse_args(list(argv)))
-    ns["aliases"] = tuple(ns["aliases"])
+    ns["aliases"] = tuple(ns["aliases"] or ())
     return ExportConfig(**ns, command=shlex.join(["mnist-export", *argv]))
 
 
