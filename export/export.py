@@ -262,13 +262,15 @@ def run_export(config: ExportConfig, data: MnistData | None = None) -> ExportRes
     final = config.repository / config.name / str(version)
     registered = None
     if source.run_id is not None and source.run_reachable and config.log_to_mlflow:
+        from mlflow.exceptions import MlflowException
+
         from export.mlflow_models import register
 
         try:
             _log_to_run(source.run_id, final, meta)
             if config.register:
                 registered = register(source.run_id, meta, config.registered_model or config.name, config.aliases)
-        except ExportError as exc:
+        except (ExportError, MlflowException, OSError) as exc:
             raise ExportError(f"{final} was written (not promoted), but MLflow failed: {exc}") from exc
     if config.promote:
         promote(config.repository, config.name, str(version), command=config.command)
