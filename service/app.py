@@ -101,17 +101,22 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Ser
                                         "sha256": default.sha256})  # fmt: skip
         state.warmup = asyncio.create_task(core.warm_up())
         grpc_server = None
+        grpc_drain: list[asyncio.Task[None]] = []
         if settings.grpc_port:  # imported only when enabled: grpcio costs memory a REST-only process does not need
             from service.grpc_server import start_grpc
 
             grpc_server = await start_grpc(core)
+            # gRPC drains alongside HTTP (from the SIGTERM), not after it: one grace period for both.
+            state.on_drain.append(
+                lambda: grpc_drain.append(asyncio.ensure_future(grpc_server.drain(settings.drain_timeout_s)))
+            )
         try:
             yield
         finally:
             state.begin_drain()
             state.warmup.cancel()
             if grpc_server is not None:  # RPCs in flight finish before the batcher stops
-                await grpc_server.drain(settings.drain_timeout_s)
+                await asyncio.gather(*grpc_drain)
             if not await state.batcher.drain(settings.drain_timeout_s):
                 log.warning("drain timed out with work still queued")
             await state.batcher.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service.batcher import Batcher
@@ -29,6 +30,8 @@ class ServiceState:
     draining: bool = False
     access_log: AccessLog | None = None
     warmup: asyncio.Task[None] | None = field(default=None)
+    #: Called once when the drain begins (SIGTERM): other front-ends (gRPC) start their own drain at once.
+    on_drain: list[Callable[[], None]] = field(default_factory=list)
 
     @classmethod
     def build(cls, settings: Settings, registry: ModelRegistry) -> ServiceState:
@@ -61,6 +64,8 @@ class ServiceState:
             self.ready = False
             self.metrics.ready.set(0)
             log.info("draining: readiness is now 503 and new work is refused")
+            for hook in self.on_drain:
+                hook()
 
     def publish_models(self) -> None:
         """After a change of the loaded set: model info metrics and the drift reference follow the default."""
