@@ -16,7 +16,10 @@ def py_spy() -> str | None:
 
 
 def record(pid: int, seconds: float, out: Path, rate: int = 250) -> subprocess.Popen[bytes]:
-    """Start py-spy on ``pid`` for ``seconds``; collapsed stacks go to ``out``. Caller waits."""
+    """Start py-spy on ``pid`` for ``seconds``; collapsed stacks go to ``out``. Caller waits.
+
+    py-spy pauses the process for each sample (its default): slower, but every stack is one the process really
+    had (``--nonblocking`` reads the stacks while they change and mixes frames of different moments)."""
     exe = py_spy()
     if exe is None:
         raise FileNotFoundError("py-spy is not installed (pip install py-spy)")
@@ -31,7 +34,6 @@ def record(pid: int, seconds: float, out: Path, rate: int = 250) -> subprocess.P
         str(rate),
         "--format",
         "raw",
-        "--nonblocking",
         "--threads",
         "--output",
         str(out),

@@ -38,6 +38,7 @@ class Point:
     server_processes: int = 1
     inline_batches: int | None = None  # engine calls run on the event loop during the point (the service only)
     inline_max_ms: float | None = None  # the longest of them since the service started: the loop's worst stall
+    loop_thread_cpu_util: float = 0.0  # the event loop thread's CPU in cores (1.0: that thread is saturated)
     loop: str = ""  # the event loop the server ran
     server: str = ""  # uvicorn or granian
 
@@ -193,3 +194,106 @@ def targets_table(ts: list[Target]) -> str:
         status = "PASS" if t.passed else "MISS"
         lines.append(f"{status}  {t.name:<44} {value:>10} (goal {op} {t.goal:g}{t.unit}, {t.margin:>5})  {t.detail}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _n(v: float | None, spec: str = ".0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _v(v: object) -> str:
+    """A figure in running text: whole numbers from 100 up, three significant digits below."""
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+    return str(v)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of docs/performance.md, from one run's results.json (``python -m bench.report FILE``)."""
+    fields = set(Point.__dataclass_fields__)
+    points = [Point(**{k: v for k, v in p.items() if k in fields}) for p in result["points"]]
+    out: list[str] = []
+    mach = result["machine"]
+    out.append(
+        f"Run: `{result.get('command', 'mnist-bench')}`, started {result.get('started_utc', '?')}, "
+        f"{result.get('elapsed_s', 0):.0f} s; load average {mach['loadavg_start'][0]:.2f} at the start, "
+        f"{mach.get('loadavg_end', [0])[0]:.2f} at the end; event loop `{result.get('loop')}` for every design "
+        f"unless named; ONNX Runtime {mach['onnxruntime']}, Python {mach['python']}, {mach['cores']} cores."
+    )
+    out.append("")
+    head = ["design", "server", "loop", "workload", "conc", "req/s", "images/s", "p50 ms", "p95 ms", "p99 ms",
+            "errors", "batch", "srv cpu", "loop thread", "CPU us/req", "rss MB", "gen cpu"]  # fmt: skip
+    out.append(_md_row(head))
+    out.append(_md_row(["---"] * 4 + ["---:"] * (len(head) - 4)))
+    for p in points:
+        name = p.design + (f" ({p.note})" if p.note else "")
+        out.append(_md_row([
+            name, p.server, p.loop, p.workload, str(p.concurrency), _n(p.rps), _n(p.images_per_s),
+            _n(p.p50_ms, ".2f"), _n(p.p95_ms, ".2f"), _n(p.p99_ms, ".2f"), str(p.errors),
+            _n(p.mean_batch, ".1f"), _n(p.server_cpu_util, ".2f"), _n(p.loop_thread_cpu_util, ".2f"),
+            _n(p.cpu_us_per_request), _n(p.server_rss_peak_mb), _n(p.wrk_cpu_util, ".2f"),
+        ]))  # fmt: skip
+    out.append("")
+    out.append(_md_row(["target", "measured", "goal", "", "margin", "detail"]))
+    out.append(_md_row(["---", "---:", "---:", "---", "---:", "---"]))
+    for t in result["targets"]:
+        op = ">=" if t["higher_is_better"] else "<="
+        value = "-" if t["measured"] is None else f"{t['measured']:.3g}{t['unit']}"
+        out.append(_md_row([t["name"], value, f"{op} {t['goal']:g}{t['unit']}", "PASS" if t["passed"] else "**MISS**",
+                            t["margin"], t["detail"]]))  # fmt: skip
+    eng = result.get("engine")
+    if eng:
+        out.append("")
+        out.append("Engine sweep (in-process ONNX Runtime, images/s; best of the rounds):")
+        out.append("")
+        batches = sorted({e["batch"] for e in eng["points"]})
+        out.append(_md_row(["config", "threads", "spin", "callers", *[str(b) for b in batches]]))
+        out.append(_md_row(["---", "---:", "---", "---:", *["---:"] * len(batches)]))
+        for cfg in dict.fromkeys(e["config"] for e in eng["points"]):
+            row = {e["batch"]: e for e in eng["points"] if e["config"] == cfg}
+            first = next(iter(row.values()))
+            out.append(_md_row([cfg, str(first["intra_op_threads"] or "ORT default"), str(first["spinning"]),
+                                str(first["callers"]), *[_n(row[b]["images_per_s"]) if b in row else "-"
+                                                         for b in batches]]))  # fmt: skip
+        for e in eng.get("beside_bulk", []):
+            out.append(f"- beside the bulk points: {e['config']} batch {e['batch']}: {e['images_per_s']:.0f} images/s")
+        b = eng["best"]
+        out.append(f"- best: **{b['images_per_s']:.0f} images/s** ({b['config']}, batch {b['batch']})")
+    out.append("")
+    for row in result.get("loops", []):
+        out.append(f"- loop `{row['loop']}` ({row['design']}): " + ", ".join(
+            f"{k} {_v(v)}" for k, v in row.items() if k not in ("design", "loop")))  # fmt: skip
+    for row in result.get("servers_compared", []):
+        out.append(f"- {row['app']} c={row['concurrency']}: " + ", ".join(
+            f"{k} {_v(v)}" for k, v in row.items() if k not in ("app", "concurrency")))  # fmt: skip
+    for d, v in result.get("inline", {}).items():
+        n, mx = v.get("mnist_inline_batches_total"), v.get("mnist_inline_batch_max_seconds")
+        if n is not None and mx is not None:
+            out.append(f"- inline batches, {d}: {n:.0f} in the run, worst event-loop stall {mx * 1e6:.0f} us")
+    m = result.get("mixed")
+    if m:
+        out.append(f"- single image c=1 beside {m['bulk_workload']} c={m['bulk_concurrency']}: p50 {m['p50_ms']:.2f} ms, "
+                   f"p95 {m['p95_ms']:.2f}, p99 {m['p99_ms']:.2f} ms, errors {m['errors']} (alone: p50 "
+                   f"{m['alone_p50_ms']:.2f}, p99 {m['alone_p99_ms']:.2f} ms); bulk {m['bulk_images_per_s']:.0f} "
+                   f"images/s, its p99 {m['bulk_p99_ms']:.1f} ms, errors {m['bulk_errors']}")  # fmt: skip
+    prof = result.get("profile") or {}
+    for name, summary in prof.items():
+        if not summary:
+            continue
+        out.append("")
+        out.append(f"Profile `{name}` ({summary['samples']} samples): threads {summary['threads']}")
+        out.append("- own: " + "; ".join(f"{k} {v * 100:.1f}%" for k, v in summary["own"]))
+        out.append("- inclusive: " + "; ".join(f"{k} {v * 100:.1f}%" for k, v in summary["inclusive"]))
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    from pathlib import Path
+
+    print(markdown(json.loads(Path(sys.argv[1]).read_text())))

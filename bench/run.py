@@ -335,6 +335,7 @@ class Bench:
             server_processes=s.processes,
             inline_batches=inline,
             inline_max_ms=after[max_key] * 1000 if max_key in after else None,
+            loop_thread_cpu_util=s.main_thread_util,
             loop=self.design_loop(design),
             server=self.design_server(design),
         )
@@ -342,7 +343,8 @@ class Bench:
         print(
             f"  {design:<18} {workload:<15} c={c:<4} {pt.rps:>9.0f} req/s {pt.images_per_s:>10.0f} img/s "
             f"p50 {pt.p50_ms:7.2f} p99 {pt.p99_ms:7.2f} ms err {pt.errors} batch {mb or 0:.1f} "
-            f"cpu {s.cpu_util:.2f} ({pt.cpu_us_per_request:.0f} us/req) rss {s.rss_peak_mb:.0f} MB "
+            f"cpu {s.cpu_util:.2f} (loop {s.main_thread_util:.2f}; {pt.cpu_us_per_request:.0f} us/req) "
+            f"rss {s.rss_peak_mb:.0f} MB "
             f"loadgen-cpu {loadgen_cpu:.2f}{f' inline {inline}' if inline is not None else ''} {note}",
             flush=True,
         )

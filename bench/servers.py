@@ -104,6 +104,12 @@ class ProcSample:
     threads: int
     rss_tree_peak_mb: float = 0.0  # every process of the tree together (granian: supervisor + worker)
     processes: int = 1
+    main_thread_cpu_s: float = 0.0  # the serving process's main thread: the event loop's thread
+
+    @property
+    def main_thread_util(self) -> float:
+        """The event loop thread's CPU use in cores (1.0 = that one thread never stopped)."""
+        return self.main_thread_cpu_s / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
     def cpu_util(self) -> float:
@@ -138,6 +144,14 @@ class ProcSampler:
             total += float(t.user + t.system)
         return total
 
+    def _main_thread(self) -> float:
+        """CPU seconds of the main thread of the process that serves (the biggest one: granian's worker)."""
+        try:
+            serving = max(self._procs, key=lambda p: p.memory_info().rss)
+            return next((float(t.user_time + t.system_time) for t in serving.threads() if t.id == serving.pid), 0.0)
+        except (psutil.Error, ValueError):
+            return 0.0
+
     def _rss(self) -> tuple[int, int]:
         sizes = []
         for p in self._procs:
@@ -157,6 +171,7 @@ class ProcSampler:
 
     def __enter__(self) -> ProcSampler:
         self._cpu0 = self._cpu()
+        self._main0 = self._main_thread()
         self._t0 = time.monotonic()
         self._peak, self._tree_peak = self._rss()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -180,6 +195,7 @@ class ProcSampler:
             threads=threads,
             rss_tree_peak_mb=max(self._tree_peak, tree) / 2**20,
             processes=len(self._procs),
+            main_thread_cpu_s=max(0.0, self._main_thread() - self._main0),
         )
 
 
