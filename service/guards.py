@@ -290,14 +290,29 @@ def _load_malloc_trim() -> Callable[[], int] | None:
 _MALLOC_TRIM = _load_malloc_trim()
 
 
-def _declared_body(scope: Scope, chunked_bytes: int) -> int:
-    """Bytes the request says its body holds: Content-Length, ``chunked_bytes`` for a chunked body, else 0."""
+#: What decoding a body costs in memory, per byte, relative to a binary batch (measured, docs/reliability.md):
+#: a JSON batch about 13 times its size at peak (a Python object per number), a ``.npy`` or raw batch about 2.
+JSON_WEIGHT = 6
+
+
+def body_cost(scope: Scope, max_body_bytes: int) -> int:
+    """What a request's body counts against the in-flight budget: its declared ``Content-Length`` (0 without a
+    body); ``max_body_bytes``, the most it can grow to, when it is chunked or compressed
+    (``Content-Encoding``); times ``JSON_WEIGHT`` for JSON."""
+    size = 0
+    encoded = json = False
     for name, value in scope["headers"]:
         if name == b"content-length":
-            return int(value) if value.isdigit() else 0
-        if name == b"transfer-encoding":
-            return chunked_bytes
-    return 0
+            size = max(size, int(value) if value.isdigit() else 0)
+        elif name == b"transfer-encoding":
+            size = max_body_bytes
+        elif name == b"content-encoding":
+            encoded = value.strip().lower() not in (b"", b"identity")
+        elif name == b"content-type":
+            json = value.lstrip().lower().startswith(b"application/json")
+    if size and encoded:
+        size = max_body_bytes
+    return size * JSON_WEIGHT if json else size
 
 
 class InflightLimit:
@@ -306,10 +321,11 @@ class InflightLimit:
     - At most ``limit`` inference requests are processed at once. A request counts from the moment its body
       has fully arrived (the app's ``receive`` returns the last chunk) until its response ends, so slow
       uploaders hold no slot (the body timeout bounds them).
-    - At most ``max_body_bytes_in_flight`` bytes of request bodies, on every route, by declared size (a
-      chunked body counts as ``max_body_bytes``, the most it can be), from the request's start to its
-      response's end: what bodies, their copies and their decoded arrays can hold at once grows with it,
-      not with the number of connections. A request alone is always admitted (``max_body_bytes`` bounds it).
+    - At most ``max_body_bytes_in_flight`` bytes of request bodies, on every route, by declared size
+      (``body_cost``: a chunked or compressed body counts as ``max_body_bytes``, the most it can become, and
+      JSON six times its size), from the request's start to its response's end: what bodies, their copies
+      and their decoded arrays hold at once grows with it, not with the number of connections. A request
+      alone is always admitted (``max_body_bytes`` bounds it).
 
     The checks happen when the request starts, before any routing or body read, and the refusal is a
     prebuilt response: under overload a refusal must cost far less than the work it sheds, or the refusals
@@ -373,18 +389,18 @@ class InflightLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _declared_body(scope, self.max_body_bytes)
+        cost = body_cost(scope, self.max_body_bytes)
         inference = is_inference(scope)
-        if not declared and not inference:
+        if not cost and not inference:
             await self.app(scope, receive, send)
             return
         if inference and self.processing >= self.limit:
             await self._refuse(send, self._refusal_requests)
             return
-        if declared and self.body_bytes and self.body_bytes + declared > self.max_body_bytes_in_flight:
+        if cost and self.body_bytes and self.body_bytes + cost > self.max_body_bytes_in_flight:
             await self._refuse(send, self._refusal_bytes)
             return
-        self.body_bytes += declared
+        self.body_bytes += cost
         counted = False
 
         async def counting_receive() -> Message:
@@ -403,8 +419,8 @@ class InflightLimit:
         finally:
             if counted:
                 self.processing -= 1
-            self.body_bytes -= declared
-            self._since_trim += declared
+            self.body_bytes -= cost
+            self._since_trim += cost
             if not self.body_bytes and self._since_trim >= self.trim_after_bytes and not self._trim_pending:
                 self._trim_pending = True
                 asyncio.get_running_loop().call_later(self.trim_delay_s, self._trim_if_idle)
