@@ -425,11 +425,15 @@ class InflightLimit:
                 self._trim_pending = True
                 asyncio.get_running_loop().call_later(self.trim_delay_s, self._trim_if_idle)
 
-    def _trim_if_idle(self) -> None:
+    def _trim_if_idle(self, again: bool = True) -> None:
         self._trim_pending = False
         if self.body_bytes or _MALLOC_TRIM is None:
             return  # load came back: trim when it falls again
         self._since_trim = 0
         self.trims += 1
+        loop = asyncio.get_running_loop()
         # Off the event loop: trimming a large heap takes milliseconds (ctypes releases the GIL meanwhile).
-        asyncio.get_running_loop().run_in_executor(None, _MALLOC_TRIM)
+        loop.run_in_executor(None, _MALLOC_TRIM)
+        if again:  # once more a little later: the quality statistics still hold the last batches for a moment
+            self._trim_pending = True
+            loop.call_later(10 * self.trim_delay_s, self._trim_if_idle, False)

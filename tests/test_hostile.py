@@ -4,9 +4,10 @@ Each case is what an attacker would send to a service with its default settings,
 the answer must be a clear 4xx/5xx in the service's JSON shape (never a 500, never a hang), and the process's
 peak resident memory (``VmHWM`` in ``/proc/<pid>/status``, read from a fresh server where the case needs its
 own peak) must stay far below the pod's limit (512 MiB in k8s/base/deployment.yaml). While abuse runs, a
-probe thread keeps asking ``/healthz`` with the Kubernetes probe's own timeout: the assertion is that every
-probe is answered; the latencies measured are printed (``-s``) and recorded in docs/reliability.md, not
-asserted, since they depend on the machine.
+probe process keeps asking ``/healthz``: the assertion is that every probe is answered (none hangs for
+``PROBE_HANG_S``); the latencies measured, and how many exceeded the Kubernetes probe's 2 s timeout, are
+printed (``-s``) and recorded in docs/reliability.md, not asserted, since they depend on the machine (the
+development machine's other jobs put its load average at 7-18 on 2 CPUs while these were measured).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import re
 import shutil
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -34,7 +37,8 @@ from tests.helpers import ROOT, Server, start_server
 MiB = 2**20
 POD_LIMIT_MIB = 512  # k8s/base/deployment.yaml resources.limits.memory
 BUDGET_MIB = 0.6 * POD_LIMIT_MIB  # peak RSS under the worst mix: 60% of the pod limit
-PROBE_TIMEOUT_S = 2.0  # k8s/base/deployment.yaml livenessProbe.timeoutSeconds
+K8S_PROBE_TIMEOUT_S = 2.0  # k8s/base/deployment.yaml livenessProbe.timeoutSeconds
+PROBE_HANG_S = 10.0  # a probe not answered within this is a failure (a stalled event loop), whatever the machine
 MAX_BODY = 16 * MiB  # the default max_body_bytes
 ADMIN_TOKEN = "hostile-admin-token"
 MODEL = "mnist-mlp"
@@ -141,45 +145,55 @@ def v2_binary_body(images: np.ndarray) -> tuple[bytes, int]:
     return header + images.tobytes(), len(header)
 
 
-class Prober(threading.Thread):
-    """Asks ``/healthz`` every ``interval_s`` on a new connection, with the probe's timeout; keeps every
-    latency, and every failure (a timeout, a refused connection, a status other than 200)."""
+_PROBE = """
+import http.client, sys, time
+port, interval_s, timeout_s = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+while True:
+    start = time.perf_counter()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+        conn.request("GET", "/healthz")
+        status = conn.getresponse().status
+        conn.close()
+        print(status, (time.perf_counter() - start) * 1000, flush=True)
+    except Exception as exc:
+        print("failed", type(exc).__name__, flush=True)
+    time.sleep(interval_s)
+"""
 
-    def __init__(self, url: str, interval_s: float = 0.1) -> None:
-        super().__init__(daemon=True)
-        self.url, self.interval_s = url, interval_s
+
+class Prober:
+    """Asks ``/healthz`` every ``interval_s`` on a new connection, from its own process (the load threads of
+    this one would otherwise delay it on the GIL); keeps every latency, and every failure: no answer within
+    ``PROBE_HANG_S``, a refused connection, a status other than 200."""
+
+    def __init__(self, port: int, interval_s: float = 0.1, hang_s: float = PROBE_HANG_S) -> None:
+        self.args = [sys.executable, "-c", _PROBE, str(port), str(interval_s), str(hang_s)]
         self.latencies_ms: list[float] = []
         self.failures: list[str] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            start = time.perf_counter()
-            try:
-                r = httpx.get(f"{self.url}/healthz", timeout=PROBE_TIMEOUT_S)
-                if r.status_code != 200:
-                    self.failures.append(f"status {r.status_code}")
-            except httpx.HTTPError as exc:
-                self.failures.append(repr(exc))
-            else:
-                self.latencies_ms.append((time.perf_counter() - start) * 1000)
-            self.stop.wait(self.interval_s)
 
     def __enter__(self) -> Prober:
-        self.start()
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, text=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.join(30)
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=30)
+        for line in out.splitlines():
+            status, value = line.split()
+            if status == "200":
+                self.latencies_ms.append(float(value))
+            else:
+                self.failures.append(line)
 
     def summary(self) -> str:
         lat = sorted(self.latencies_ms)
         if not lat:
             return "no probe answered"
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        slow = sum(v > K8S_PROBE_TIMEOUT_S * 1000 for v in lat)
         return (f"/healthz: {len(lat)} answered, {len(self.failures)} failed; p50 {statistics.median(lat):.1f} ms, "
-                f"p99 {p99:.1f} ms, max {lat[-1]:.1f} ms")  # fmt: skip
+                f"p99 {p99:.1f} ms, max {lat[-1]:.1f} ms, {slow} over {K8S_PROBE_TIMEOUT_S:g} s")  # fmt: skip
 
 
 def run_for(seconds: float, workers: list[Callable[[threading.Event], None]]) -> None:
@@ -452,13 +466,15 @@ def test_a_json_element_bomb_is_refused_without_the_memory(repo: Path, tmp_path:
 
 def test_json_bombs_do_not_stall_the_probes(repo: Path, tmp_path: Path) -> None:
     """Three clients sending element bombs back to back: decoding that can take more than a few ms runs off
-    the event loop, so every probe is answered within the probe's timeout."""
+    the event loop (and bombs are refused early), so every probe is answered within the Kubernetes probe's
+    own timeout. The one latency bound asserted in this file: 2 s is 100 times the probe's latency under
+    this load once the fix is in, and a decode on the event loop stalls it for seconds (2.8-8 s measured)."""
     statuses: Counter[int] = Counter()
     with fresh(repo, tmp_path) as srv:
         workers = [poster(srv.port, path, {"content-type": "application/json"}, body, statuses)
                    for path, body in (JSON_BOMBS["predict-dicts"], JSON_BOMBS["batch-lists"],
                                       JSON_BOMBS["feedback-lists"])]  # fmt: skip
-        with Prober(srv.url) as probes:
+        with Prober(srv.port, hang_s=K8S_PROBE_TIMEOUT_S) as probes:
             run_for(10, workers)
         peak = hwm(srv)
     print(f"\n3 JSON-bomb clients for 10 s: statuses {dict(statuses)}; {probes.summary()}; VmHWM {peak:.0f} MiB")
@@ -690,7 +706,7 @@ def test_a_bulk_flood_stays_under_budget_and_memory_comes_back(repo: Path, tmp_p
                           headers={"content-type": "application/x-npy"}).status_code == 200  # fmt: skip
         base = rss(srv)
         after = []
-        with Prober(srv.url) as probes:
+        with Prober(srv.port) as probes:
             for _ in range(2):
                 run_for(8, [poster(srv.port, "/v1/predict/batch", {"content-type": "application/x-npy"}, body,
                                    statuses) for _ in range(64)])  # fmt: skip
@@ -751,7 +767,7 @@ def test_the_worst_request_mix_stays_under_60_percent_of_the_pod_limit(repo: Pat
         workers += [poster(srv.port, "/v1/predict/batch", {"content-type": "application/json"}, json_batch, statuses)
                     for _ in range(4)]  # fmt: skip
         workers += [endless_header] * 8 + [oversized_chunked] * 4 + [trickle] * 16
-        with Prober(srv.url) as probes:
+        with Prober(srv.port) as probes:
             run_for(15, workers)
         peak = hwm(srv)
         settled = _settle(srv, base + 48)
