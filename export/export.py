@@ -290,32 +290,6 @@ def _check_servable(folder: Path, config: ExportConfig, version: int) -> None:
         raise ExportError(f"the exported version does not load as the service loads it: {exc}") from exc
 
 
-def next_steps(repository: Path, name: str, version: str, *, promoted: bool) -> str:
-    """What to do with a new version: try it in a running service, promote it."""
-    from service.errors import ModelLoadError
-    from service.model import promoted_version
-
-    try:
-        current = promoted_version(repository, name)
-    except ModelLoadError:
-        current = None
-    lines = ["next steps:"]
-    if promoted:
-        lines.append(f"  version {version} is now the promoted version: a service started now serves it")
-    else:
-        lines.append(
-            f"  the service still serves the promoted version ({current or 'none yet: the highest version'}) "
-            "by default; to make this one the default:"
-        )
-        lines.append(f"    mnist-promote --repository {repository} --name {name} {version}")
-    lines.append("  load it into a running service without a restart (needs MNIST_ADMIN_TOKEN set there):")
-    lines.append(
-        f'    curl -X POST -H "Authorization: Bearer $MNIST_ADMIN_TOKEN" '
-        f"http://127.0.0.1:8000/admin/models/{name}/versions/{version}/load"
-    )
-    return "\n".join(lines)
-
-
 def summary(result: ExportResult) -> str:
     meta = result.metadata
     parity = meta["parity"]
@@ -335,6 +309,8 @@ def summary(result: ExportResult) -> str:
         lines.append(f"registered in MLflow as {reg.name} version {reg.version}{aliases}")
     else:
         lines.append("not registered in MLflow (no reachable training run, or --no-mlflow / --no-register)")
+    from export.promote import next_steps
+
     lines.append(next_steps(result.repository, meta["name"], meta["version"], promoted=result.promoted))
     return "\n".join(lines)
 

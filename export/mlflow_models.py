@@ -24,7 +24,8 @@ from typing import Any
 from export.errors import ExportError
 from export.repository import staged_version
 from service.errors import ModelLoadError
-from service.model import MAX_METADATA_BYTES, MAX_MODEL_BYTES, METADATA_FILE, load_model, read_bounded
+from service.model import MAX_MODEL_BYTES, load_model
+from service.repository import MAX_METADATA_BYTES, METADATA_FILE, read_bounded
 from service.settings import Settings
 from training.data import file_sha256
 from training.tracking import ONNX_ARTIFACT_DIR, client, tracking_uri
@@ -228,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ExportError, PromoteError) as exc:
         print(f"mnist-pull: error: {exc}", file=sys.stderr)
         return 1
-    from export.export import next_steps
+    from export.promote import next_steps
 
     print(next_steps(args.repository, pulled.name, pulled.version, promoted=args.promote))
     return 0

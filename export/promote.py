@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import ModelLoadError
-from service.model import PROMOTED_FILE, default_model_name, list_versions, load_model, read_promoted
+from service.model import load_model
+from service.repository import PROMOTED_FILE, default_model_name, list_versions, read_promoted
 from service.settings import Settings
 
 HISTORY_LIMIT = 100
@@ -156,3 +157,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def next_steps(repository: Path, name: str, version: str, *, promoted: bool) -> str:
+    """What to do with a new version: try it in a running service, promote it."""
+    from service.errors import ModelLoadError
+    from service.repository import promoted_version
+
+    try:
+        current = promoted_version(repository, name)
+    except ModelLoadError:
+        current = None
+    lines = ["next steps:"]
+    if promoted:
+        lines.append(f"  version {version} is now the promoted version: a service started now serves it")
+    else:
+        lines.append(
+            f"  the service still serves the promoted version ({current or 'none yet: the highest version'}) "
+            "by default; to make this one the default:"
+        )
+        lines.append(f"    mnist-promote --repository {repository} --name {name} {version}")
+    lines.append("  load it into a running service without a restart (needs MNIST_ADMIN_TOKEN set there):")
+    lines.append(
+        f'    curl -X POST -H "Authorization: Bearer $MNIST_ADMIN_TOKEN" '
+        f"http://127.0.0.1:8000/admin/models/{name}/versions/{version}/load"
+    )
+    return "\n".join(lines)

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
-from training.tracking import MODEL_ARTIFACT_DIR, client, tracking_uri
-from training.train import MODEL_FILE, TRAINING_INFO_FILE
+from training.tracking import MODEL_ARTIFACT_DIR, MODEL_FILE, TRAINING_INFO_FILE, client, tracking_uri
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from service.metrics import NumpyHistogram
-from service.model import Model, Reference
+from service.model import Model
+from service.repository import Reference
 
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 #: Floor for empty bins, so an empty bin adds a large but finite term instead of infinity.

@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 
 from service.errors import ModelLoadError, NotFound, ServiceError
-from service.model import Model, default_model_name, list_versions, load_model, promoted_version
+from service.model import Model, load_model
+from service.repository import default_model_name, list_versions, promoted_version
 from service.settings import Settings
 
 log = logging.getLogger("service.registry")

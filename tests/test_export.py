@@ -202,7 +202,8 @@ def test_export_a_model_file_without_mlflow(
 ) -> None:
     from export.accuracy import cpu_description
     from export.export import main
-    from service.model import load_model, promoted_version
+    from service.model import load_model
+    from service.repository import promoted_version
     from service.settings import Settings
 
     common = ["--model", str(tiny_model), "--data", str(FIXTURE), "--repository", str(tmp_path), "--name", "tiny"]

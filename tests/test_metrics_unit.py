@@ -17,8 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.errors import TooManyRequests
 from service.feedback import ENTRY_OVERHEAD, Feedback
 from service.metrics import DROP_REASONS, LATENCY_BUCKETS, ROUTES, Metrics, NumpyHistogram
-from service.model import Model, Reference, load_model
+from service.model import Model, load_model
 from service.quality import CONFIDENCE_BUCKETS, MAX_IMAGES_PER_REQUEST, MIN_DRIFT_SAMPLES, Quality, psi
+from service.repository import Reference
 from service.settings import Settings
 from tests.helpers import ROOT, SHARED_MNIST, write_model
 

@@ -20,7 +20,8 @@ import pytest
 
 from export.mlflow_models import PullError, artifact_path, pull, register
 from export.mlflow_models import main as pull_main
-from service.model import load_model, promoted_version
+from service.model import load_model
+from service.repository import promoted_version
 from service.settings import Settings
 from tests.helpers import free_port, running_server, tiny_onnx, write_model
 

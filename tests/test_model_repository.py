@@ -17,8 +17,9 @@ import pytest
 from export.promote import PromoteError, promote, rollback
 from export.promote import main as promote_main
 from service.errors import ModelLoadError
-from service.model import PROMOTED_FILE, load_model, promoted_version, read_promoted
+from service.model import load_model
 from service.registry import ModelRegistry
+from service.repository import PROMOTED_FILE, promoted_version, read_promoted
 from service.settings import Settings
 from tests.helpers import DEFAULT_MODEL, running_server, write_model
 
@@ -108,12 +109,13 @@ def test_the_model_file_must_be_a_file(tmp_path: Path) -> None:
 
 def test_sizes_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import service.model
+    import service.repository
 
     folder = write_model(tmp_path, "m", "1")
     monkeypatch.setattr(service.model, "MAX_MODEL_BYTES", (folder / "model.onnx").stat().st_size - 1)
     refused(folder, "more than the limit of")
     monkeypatch.undo()
-    edit(folder, lambda m: m.update(padding="x" * (service.model.MAX_METADATA_BYTES + 1)))
+    edit(folder, lambda m: m.update(padding="x" * (service.repository.MAX_METADATA_BYTES + 1)))
     refused(folder, "more than the limit of 4194304")
 
 

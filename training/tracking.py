@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "mnist-mlp"
 MODEL_ARTIFACT_DIR = "model"
+#: The files of a training run, saved locally and logged as MLflow artifacts under MODEL_ARTIFACT_DIR.
+MODEL_FILE = "model.keras"
+TRAINING_INFO_FILE = "training.json"
 ONNX_ARTIFACT_DIR = "onnx"
 
 _QUIET_ENV = {

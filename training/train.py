@@ -20,10 +20,8 @@ import numpy as np
 
 from training.cli import HelpFormatter, native_logs
 from training.data import DataError, MnistData, load_mnist, split_validation, to_features
-from training.tracking import DEFAULT_EXPERIMENT, MODEL_ARTIFACT_DIR
+from training.tracking import DEFAULT_EXPERIMENT, MODEL_ARTIFACT_DIR, MODEL_FILE, TRAINING_INFO_FILE
 
-MODEL_FILE = "model.keras"
-TRAINING_INFO_FILE = "training.json"
 DEFAULT_OUTPUT = Path("artifacts/mnist-mlp")
 
 
