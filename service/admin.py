@@ -56,11 +56,19 @@ def _check_version(version: str) -> None:
         raise NotFound(f"version {version[:16]!r} is not a version number (a positive integer)")
 
 
+def _promoted(svc: ServiceState) -> str | None:
+    try:
+        return svc.registry.promoted_version()
+    except ModelLoadError:  # a malformed pointer: the summary still answers
+        return None
+
+
 def _summary(svc: ServiceState) -> dict[str, Any]:
     reg = svc.registry
     return {
         "name": reg.name,
         "default_version": reg.default.version,
+        "promoted_version": _promoted(svc),
         "loaded": [{"version": m.version, "sha256": m.sha256, "provider": m.provider} for m in reg.models],
         "available_versions": reg.available_versions(),
     }

@@ -43,13 +43,6 @@ class Item:
         self.enqueued, self.deadline, self.why, self.gone, self.request = enqueued, deadline, why, gone, request
 
 
-def scale_of(model: Model) -> np.float32:
-    scale = getattr(model, "scale", None)
-    if scale is None:
-        scale = float(model.metadata["preprocessing"].get("scale", 1 / 255))
-    return np.float32(scale)
-
-
 def to_float(items: Sequence[Item]) -> np.ndarray:
     """One float32 (N, F) array for the engine; uint8 pixels are scaled by the model's preprocessing."""
     first = items[0]
@@ -59,7 +52,7 @@ def to_float(items: Sequence[Item]) -> np.ndarray:
     row = 0
     for it in items:
         if it.images.dtype == np.uint8:
-            np.multiply(it.images, scale_of(it.model), out=out[row : row + it.n], casting="unsafe")
+            np.multiply(it.images, np.float32(it.model.scale), out=out[row : row + it.n], casting="unsafe")
         else:
             out[row : row + it.n] = it.images
         row += it.n

@@ -109,7 +109,7 @@ def test_dockerfile_contract(dockerfile: str, extra: str) -> None:
     assert 'ENTRYPOINT ["/opt/venv/bin/mnist-serve"]' in text
     assert "USER ${APP_UID}:${APP_UID}" in text
     assert f"ARG APP_UID={APP_UID}" in text
-    assert re.search(r"^EXPOSE 8000$", text, re.M)
+    assert re.search(r"^EXPOSE 8000 8001$", text, re.M)  # HTTP, and gRPC when MNIST_GRPC_PORT=8001
     assert "HEALTHCHECK" in text
     assert "/app/healthcheck.py" in text
     assert "PYTHONDONTWRITEBYTECODE=1" in text

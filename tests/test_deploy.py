@@ -61,7 +61,7 @@ def dockerfile_facts(path: Path) -> dict[str, Any]:
     def expand(s: str) -> str:
         return re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], s)
 
-    (expose,) = re.findall(r"^EXPOSE (\d+)$", final, re.MULTILINE)
+    ((expose, grpc),) = re.findall(r"^EXPOSE (\d+) (\d+)$", final, re.MULTILINE)  # HTTP, then gRPC
     (user,) = re.findall(r"^USER (\S+)$", final, re.MULTILINE)
     (health,) = re.findall(r"^\s+CMD (\[.*\])$", final, re.MULTILINE)
     (entrypoint,) = re.findall(r"^ENTRYPOINT (\[.*\])$", final, re.MULTILINE)
@@ -69,6 +69,7 @@ def dockerfile_facts(path: Path) -> dict[str, Any]:
     uid, gid = expand(user).split(":")
     return {
         "port": int(expose),
+        "grpc_port": int(grpc),
         "uid": int(uid),
         "gid": int(gid),
         "healthcheck": json.loads(health),
