@@ -4,6 +4,7 @@ serving path that never imports TensorFlow or MLflow."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,12 @@ def test_serving_never_imports_tensorflow_or_mlflow() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_readme_names_only_real_settings() -> None:
+    from service.settings import Settings
+
+    named = set(re.findall(r"\bMNIST_([A-Z0-9_]+)", (ROOT / "README.md").read_text()))
+    real = {name.upper() for name in Settings.model_fields}
+    assert named, "no setting found in the README"
+    assert named <= real, f"the README names settings that do not exist: {sorted(named - real)}"
