@@ -223,3 +223,26 @@ def test_guards_check_probes_both_servers(tmp_path: Path) -> None:
         assert {p["probe"] for p in mine} == names
         assert all(isinstance(p["held"], bool) for p in mine)
     assert all(p["held"] for p in probes if p["server"] == "uvicorn"), probes
+
+
+def test_budget_writes_the_unavoidable_costs(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_model(repo, "tiny", "1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.budget",
+        "--model-repository",
+        str(repo),
+        "--out",
+        str(tmp_path),
+        "--repeat",
+        "1",
+    ]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    budget = json.loads((tmp_path / "budget.json").read_text())
+    assert budget["command"].startswith("python -m bench.budget")
+    assert budget["decode_validate_json_us"] > 0
+    assert budget["encode_answer_json_us"] > 0
+    assert set(budget["engine_us_per_image_by_batch"]) == {"1", "8", "32", "128"}
+    assert all(v > 0 for v in budget["engine_us_per_image_by_batch"].values())

@@ -1,0 +1,85 @@
+"""``python -m bench.budget``: what the unavoidable parts of one single-image request cost, in process, in CPU
+microseconds (``time.thread_time``, best of ``--repeat`` rounds): the service's JSON decoding and validation of
+a real body (``service.decode``), the JSON answer (orjson, as service/rest.py writes it), and the engine per
+image at batch 1 and at the batch sizes the service forms under load. Beside ``mnist-bench``'s CPU per request
+of each design, these say how much of the service's per-request CPU is its own plumbing.
+
+Writes ``budget.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from bench.engine import _session, options
+from bench.models import DEFAULT_REPOSITORY, find_model, real_digits
+from bench.workloads import single_json
+from service import decode
+from service.settings import settings_from_args
+
+
+def cpu_us(fn: Callable[[], object], n: int, repeat: int) -> float:
+    """Best-of-``repeat`` CPU microseconds per call of ``fn`` (``n`` calls per round, this thread only)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.thread_time()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.thread_time() - t0) / n)
+    return best * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.budget", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--repeat", type=int, default=5)
+    args = p.parse_args(argv)
+    model = find_model(args.model_repository)
+    digits = real_digits(4096, model)
+    settings = settings_from_args([])
+    shape = decode.Shape(784, 28, 28, settings.max_images_per_request, settings.max_png_pixels)
+    bodies = single_json(digits).bodies
+    k = iter(range(10**9))
+
+    def one_decode() -> object:
+        return decode.decode(decode.SINGLE, "application/json", bodies[next(k) % len(bodies)], shape)
+
+    session = _session(model.onnx_path, options("service", settings)[0])
+    name = session.get_inputs()[0].name
+    pool = digits.astype(np.float32) * np.float32(1 / 255)
+    probs = session.run(None, {name: pool[:1]})[0][0]
+
+    def answer() -> object:
+        return orjson.dumps({"label": int(probs.argmax()), "probabilities": probs, "model": model.name,
+                             "version": model.version, "request_id": "0123456789abcdef0123456789abcdef",
+                             "prediction_id": "FnpDmx2wMFxafIYJuXCAgQ"}, option=orjson.OPT_SERIALIZE_NUMPY)  # fmt: skip
+
+    result: dict[str, object] = {
+        "command": "python -m bench.budget" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv)),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "decode_validate_json_us": cpu_us(one_decode, 2000, args.repeat),
+        "encode_answer_json_us": cpu_us(answer, 5000, args.repeat),
+        "body_bytes_mean": float(np.mean([len(b) for b in bodies])),
+    }
+    engine: dict[str, float] = {}
+    for b in (1, 8, 32, 128):
+        x = np.ascontiguousarray(pool[:b])
+        engine[str(b)] = cpu_us(lambda x=x: session.run(None, {name: x}), max(50, 2000 // b), args.repeat) / b  # type: ignore[misc]
+    result["engine_us_per_image_by_batch"] = engine
+    (args.out).mkdir(parents=True, exist_ok=True)
+    (args.out / "budget.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
