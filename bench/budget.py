@@ -1,7 +1,8 @@
 """``python -m bench.budget``: what the unavoidable parts of one single-image request cost, in process, in CPU
 microseconds (``time.thread_time``, best of ``--repeat`` rounds): the service's JSON decoding and validation of
 a real body (``service.decode``), the JSON answer (orjson, as service/rest.py writes it), and the engine per
-image at batch 1 and at the batch sizes the service forms under load. Beside ``mnist-bench``'s CPU per request
+image at batch 1 and at the batch sizes the service forms under load; and the memory a bulk JSON body takes
+to decode (tracemalloc peak: the Python floats msgspec builds before NumPy gets them). Beside ``mnist-bench``'s CPU per request
 of each design, these say how much of the service's per-request CPU is its own plumbing.
 
 Writes ``budget.json`` to ``--out``.
@@ -13,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import orjson
 
 from bench.engine import _session, options
 from bench.models import DEFAULT_REPOSITORY, find_model, real_digits
-from bench.workloads import single_json
+from bench.workloads import bulk_json, single_json
 from service import decode
 from service.settings import settings_from_args
 
@@ -75,6 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         x = np.ascontiguousarray(pool[:b])
         engine[str(b)] = cpu_us(lambda x=x: session.run(None, {name: x}), max(50, 2000 // b), args.repeat) / b  # type: ignore[misc]
     result["engine_us_per_image_by_batch"] = engine
+    memory: dict[str, dict[str, float]] = {}
+    for n in (256, 1024):
+        body = bulk_json(digits, n).bodies[0]
+        tracemalloc.start()
+        x = decode.decode(decode.MANY, "application/json", body, shape)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        t0 = time.thread_time()
+        decode.decode(decode.MANY, "application/json", body, shape)
+        memory[str(n)] = {"body_mb": len(body) / 1e6, "decode_peak_mb": peak / 1e6, "pixels_mb": x.nbytes / 1e6,
+                          "decode_cpu_ms": (time.thread_time() - t0) * 1000}  # fmt: skip
+    result["json_bulk_decode"] = memory
     (args.out).mkdir(parents=True, exist_ok=True)
     (args.out / "budget.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -246,3 +246,5 @@ def test_budget_writes_the_unavoidable_costs(tmp_path: Path) -> None:
     assert budget["encode_answer_json_us"] > 0
     assert set(budget["engine_us_per_image_by_batch"]) == {"1", "8", "32", "128"}
     assert all(v > 0 for v in budget["engine_us_per_image_by_batch"].values())
+    big = budget["json_bulk_decode"]["1024"]
+    assert big["decode_peak_mb"] > big["pixels_mb"] > 0  # Python floats cost more than the float32 pixels
