@@ -133,7 +133,7 @@ def log_failures(text: str, allow: Iterable[str] = ()) -> list[str]:
     message is one of ``allow``), and non-JSON lines holding a traceback or an error marker."""
     allowed = set(allow)
     bad: list[str] = []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): a JSON record may hold U+2028 or U+0085 in a string
         if line.startswith("{"):
             try:
                 record = json.loads(line)

@@ -27,7 +27,8 @@ from service import decode
 from service.errors import ServiceError
 from tests.helpers import Server, assert_clean_shutdown, start_server
 
-FEATURES, SHAPE, MAX_IMAGES, MAX_PIXELS, SCALE = 784, (28, 28), 64, 4096 * 4096, 1 / 255
+FEATURES, MAX_IMAGES, MAX_PIXELS = 784, 64, 4096 * 4096
+SHAPE = decode.Shape(features=FEATURES, rows=28, cols=28, max_images=MAX_IMAGES, max_png_pixels=MAX_PIXELS)
 LEAKS = ("Traceback", 'File "', "/work", "site-packages", " at 0x")
 
 FUZZ = settings(
@@ -39,8 +40,9 @@ FUZZ = settings(
 )
 
 
-def check(call: Callable[[], np.ndarray]) -> np.ndarray | ServiceError:
-    """Run a decoder; assert it returned a valid batch or raised a clean 4xx ServiceError."""
+def check(call: Callable[[], np.ndarray], max_images: int = MAX_IMAGES) -> np.ndarray | ServiceError:
+    """Run a decoder; assert it returned a valid batch or raised a clean 4xx ServiceError. A valid batch is
+    (N, 784), 1 <= N <= the limit, uint8 (0-255 pixels) or float32 in [0, 1]."""
     try:
         x = call()
     except ServiceError as exc:
@@ -55,34 +57,27 @@ def check(call: Callable[[], np.ndarray]) -> np.ndarray | ServiceError:
             assert marker not in error.message, error.message
         return error
     assert isinstance(x, np.ndarray)
-    assert x.dtype == np.float32
+    assert x.dtype in (np.uint8, np.float32), x.dtype
     assert x.ndim == 2
     assert x.shape[1] == FEATURES
-    assert 1 <= x.shape[0] <= MAX_IMAGES
-    assert np.isfinite(x).all()
-    assert x.min() >= 0.0
-    assert x.max() <= 1.0
+    assert 1 <= x.shape[0] <= max_images
+    if x.dtype == np.float32:
+        assert np.isfinite(x).all()
+        assert x.min() >= 0.0
+        assert x.max() <= 1.0
     return x
 
 
-def decode_json_image(body: bytes) -> np.ndarray:
-    return decode.json_image(decode.parse_json(body), FEATURES, SHAPE)
+def _route(table: dict[str, decode.Decoder], content_type: str) -> Callable[[bytes], np.ndarray]:
+    """The decoding a route does: pick the decoder by media type, run it (service/decode.py ``decode``)."""
+    return lambda body: decode.decode(table, content_type, body, SHAPE)
 
 
-def decode_json_images(body: bytes) -> np.ndarray:
-    return decode.json_images(decode.parse_json(body), FEATURES, SHAPE, MAX_IMAGES)
-
-
-def decode_png(body: bytes) -> np.ndarray:
-    return decode.png_image(body, FEATURES, SHAPE, MAX_PIXELS, SCALE)
-
-
-def decode_npy(body: bytes) -> np.ndarray:
-    return decode.npy_images(body, FEATURES, SHAPE, MAX_IMAGES, SCALE)
-
-
-def decode_raw(body: bytes) -> np.ndarray:
-    return decode.raw_images(body, FEATURES, MAX_IMAGES, SCALE)
+decode_json_image = _route(decode.SINGLE, "application/json")
+decode_json_images = _route(decode.MANY, "application/json")
+decode_png = _route(decode.SINGLE, "image/png")
+decode_npy = _route(decode.MANY, "application/x-npy")
+decode_raw = _route(decode.MANY, "application/octet-stream")
 
 
 # ---------------------------------------------------------------------------------------------- strategies
@@ -262,7 +257,8 @@ def test_png_decoder_on_mutated_images(w: int, h: int, mode: str, data: st.DataO
     img = np.random.default_rng(w * 100 + h).integers(0, 256, (h, w), dtype=np.uint8)
     good = png(img, mode)
     result = check(lambda: decode_png(good))
-    assert isinstance(result, np.ndarray) == ((w, h) == (28, 28))
+    assert isinstance(result, np.ndarray), result  # a PNG of any size is brought to 28x28
+    assert result.shape == (1, FEATURES)
     check(lambda: decode_png(data.draw(mutated(good))))
 
 
@@ -320,7 +316,8 @@ def test_npy_object_arrays_are_never_unpickled(tmp_path: Path) -> None:
 
 def test_npy_declaring_a_huge_array_allocates_nothing() -> None:
     body = npy("{'descr': '|u1', 'fortran_order': False, 'shape': (10**9, 784), }", b"\x00" * 784)
-    result = check(lambda: decode.npy_images(body, FEATURES, SHAPE, 10**10, SCALE))
+    huge = decode.Shape(FEATURES, 28, 28, max_images=10**10, max_png_pixels=MAX_PIXELS)
+    result = check(lambda: decode.decode(decode.MANY, "application/x-npy", body, huge), max_images=10**10)
     assert isinstance(result, ServiceError)
     assert result.code == "malformed_npy"
 
@@ -372,10 +369,11 @@ def test_http_answers_any_body_with_200_or_a_4xx_in_the_error_shape(
         npy("{'descr': '<f8', 'fortran_order': False, 'shape': (10**12, 784), }", b""),
         npy("{'descr': '|u1', 'fortran_order': False, 'shape': (-1, 784), }", bytes(784)),
         png_declaring(100_000, 100_000),
+        b'{"image": ' + b"[" * 1000 + b"0.5" + b"]" * 1000 + b"}",  # the batch route skips "image": deeply
     ],
 )  # fmt: skip
 def test_http_regressions(server: Server, body: bytes) -> None:
-    ct = "image/png" if body.startswith(b"\x89PNG") else "application/x-npy"
+    ct = {b"\x89": "image/png", b"{": "application/json"}.get(body[:1], "application/x-npy")
     path = "/v1/predict" if ct == "image/png" else "/v1/predict/batch"
     r = httpx.post(server.url + path, content=body, headers={"content-type": ct}, timeout=10)
     assert 400 <= r.status_code < 500, r.text
