@@ -291,7 +291,7 @@ _MALLOC_TRIM = _load_malloc_trim()
 
 
 #: What decoding a body costs in memory, per byte, relative to a binary batch (measured, docs/reliability.md):
-#: a JSON batch about 13 times its size at peak (a Python object per number), a ``.npy`` or raw batch about 2.
+#: a JSON batch about 10 times its size at peak (Python objects per number), a ``.npy`` batch 2 to 6 times.
 JSON_WEIGHT = 6
 
 

@@ -711,6 +711,29 @@ def test_remembered_predictions_are_bounded_by_bytes(repo: Path, tmp_path: Path)
     assert last.status_code == 200, last.text
 
 
+def test_the_body_budget_weighs_json_by_what_it_costs(repo: Path, tmp_path: Path) -> None:
+    """The in-flight body budget counts a JSON body ``JSON_WEIGHT`` times its size: one JSON batch just under
+    the JSON limit must cost, per body byte, no more than that many times what a ``.npy`` batch costs (each
+    measured alone on a fresh server), or the budget would let JSON past the memory it is meant to bound."""
+    from service.guards import JSON_WEIGHT
+
+    json_body = b'{"images": [' + b",".join([b"[" + b",".join([b"0.25"] * 784) + b"]"] * 2000) + b"]}"
+    cost = {}
+    for name, body, content_type in (
+        ("json", json_body, "application/json"),
+        ("npy", npy(IMAGES), "application/x-npy"),
+    ):
+        with fresh(repo, tmp_path) as srv:
+            before = hwm(srv)
+            r = httpx.post(f"{srv.url}/v1/predict/batch", content=body, headers={"content-type": content_type},
+                           timeout=60)  # fmt: skip
+            assert r.status_code == 200, r.text[:300]
+            cost[name] = (hwm(srv) - before) * MiB / len(body)
+            print(f"\n{name} batch of {len(body) / MiB:.1f} MiB: VmHWM {before:.0f} -> {hwm(srv):.0f} MiB, "
+                  f"{cost[name]:.1f} bytes per body byte")  # fmt: skip
+    assert cost["json"] <= JSON_WEIGHT * max(cost["npy"], 1.0), cost
+
+
 def _settle(srv: Server, target_mib: float, timeout_s: float = 15) -> float:
     """Wait until the server's RSS is at most ``target_mib`` (or the timeout); returns the last reading."""
     deadline = time.monotonic() + timeout_s
@@ -757,8 +780,8 @@ def test_the_worst_request_mix_stays_under_60_percent_of_the_pod_limit(repo: Pat
     npy_body = npy(IMAGES)
     v2_body, header_len = v2_binary_body(IMAGES)
     gz = gzip.compress(v2_body, 1)
-    # The largest valid JSON batch under the body limit: 3,000 images of 4-character numbers (11 MiB).
-    json_batch = b'{"images": [' + b",".join([b"[" + b",".join([b"0.25"] * 784) + b"]"] * 3000) + b"]}"
+    # A JSON batch just under the JSON limit (8 MiB): 2,000 images of 4-character numbers (7.5 MiB).
+    json_batch = b'{"images": [' + b",".join([b"[" + b",".join([b"0.25"] * 784) + b"]"] * 2000) + b"]}"
 
     def endless_header(stop: threading.Event) -> None:
         while not stop.is_set():
