@@ -194,7 +194,7 @@ def _doc() -> None:
 
 def router(rest: Rest) -> APIRouter:
     """The v1 routes for FastAPI's router and /docs, each served by the same app the edge dispatches to."""
-    r = APIRouter()
+    r = APIRouter(tags=["REST API (v1)"])
     apps = rest.apps()
     documented(r, "/v1/predict", apps[("POST", "/v1/predict")], _doc, ["POST"], summary="Classify one digit",
                description='JSON `{"image": [...]}` with pixels in [0, 1], or a PNG (raw body or multipart `file`). '
