@@ -258,6 +258,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._disarm()
         super().on_message_complete()
+        cycle = self.cycle
+        if cycle.response_complete and self.timeout_keep_alive_task is None and not self.transport.is_closing():
+            # Answered before its body was in (a 4xx, a route that needs no body): uvicorn armed the keep-alive
+            # timer then, and each body chunk since cancelled it; without this the idle connection stays open.
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
 
 def guarded_protocol(limits: HttpLimits) -> type[GuardedHttpToolsProtocol]:
