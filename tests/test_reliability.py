@@ -237,6 +237,7 @@ def test_overload_sheds_load_and_recovers(tiny_repo: Path, tmp_path: Path) -> No
     assert rep.idle_after, "requests stayed queued or in progress after the load stopped"
     assert rep.after_statuses == {"200": 5}, rep.after_statuses
     assert rep.exit_code == 0
+    assert not log_failures((tmp_path / "overload-server.log").read_text()), "overload is no error: none logged"
 
 
 def test_inflight_limit_refuses_at_once_and_spares_probes(tiny_repo: Path, tmp_path: Path) -> None:
