@@ -185,8 +185,8 @@ async def repository_index(request: Request) -> Response:
 
 # ---------------------------------------------------------------------------------------------- inference
 def _parse(body: bytes, encoding: str | None, declared: str | None, model: Model, limit: int,
-           max_images: int) -> tensors.InferRequest:  # fmt: skip
-    return tensors.parse_infer(tensors.decompress(body, encoding, limit), declared, model, max_images)
+           max_images: int, max_json: int) -> tensors.InferRequest:  # fmt: skip
+    return tensors.parse_infer(tensors.decompress(body, encoding, limit), declared, model, max_images, max_json)
 
 
 class Oip:
@@ -204,7 +204,7 @@ class Oip:
         encoding = header(scope, b"content-encoding")
         req = await core.offload(len(body) if encoding is None else core.OFF_LOOP_BYTES + 1, _parse, body, encoding,
                                  header(scope, b"inference-header-content-length"), model, settings.max_body_bytes,
-                                 settings.max_images_per_request)  # fmt: skip
+                                 settings.max_images_per_request, settings.max_json_bytes)  # fmt: skip
         del body
         stated = core.deadline_ms(header(scope, b"x-request-deadline-ms"))
         source = "X-Request-Deadline-Ms"

@@ -97,7 +97,7 @@ def _data_type(features: int, rows: int, cols: int, max_values: int) -> Any:
     """JSON ``data``: flat numbers, or rows, or images of rows; no booleans, strings or empty lists."""
     row = Annotated[list[float], msgspec.Meta(min_length=1, max_length=max(features, cols))]
     image = Annotated[list[float | row], msgspec.Meta(min_length=1, max_length=max(features, rows))]
-    return Annotated[list[float | image], msgspec.Meta(min_length=1, max_length=max_values)]
+    return Annotated[list[float | image], msgspec.Meta(max_length=max_values)]  # empty: "the batch is empty"
 
 
 def _json_data(data: Any, model: Model, max_images: int, what: str) -> np.ndarray:
@@ -181,17 +181,64 @@ def _input(spec: Any, model: Model, tail: bytes, max_images: int) -> tuple[np.nd
     return input_images(name, datatype, shape, tail[:size], model, max_images), size
 
 
-def parse_infer(body: bytes, declared: str | None, model: Model, max_images: int) -> InferRequest:
+_Scalar = str | int | float | bool | None
+_Dict = Annotated[dict[str, _Scalar], msgspec.Meta(max_length=64)]
+_Loose = _Scalar | Annotated[list[_Scalar], msgspec.Meta(max_length=64)] | _Dict
+
+
+@functools.cache
+def _envelope(features: int, rows: int, cols: int, max_values: int) -> msgspec.json.Decoder[Any]:
+    """A typed decoder of the whole request: every container is bounded while it is read, ``data`` is numbers in
+    regular nesting, everything else a scalar or a small flat container (checked by name below)."""
+    data = _data_type(features, rows, cols, max_values)
+    tensor = msgspec.defstruct("Tensor", [("name", _Loose, None), ("datatype", _Loose, None), ("shape", _Loose, None),
+                                          ("data", data | msgspec.UnsetType, msgspec.UNSET),
+                                          ("parameters", _Loose, None)])  # fmt: skip
+    output = msgspec.defstruct("OutputSpec", [("name", _Loose, None), ("parameters", _Loose, None)])
+    items = Annotated[list[tensor | _Scalar], msgspec.Meta(max_length=16)]  # type: ignore[valid-type]
+    outs = Annotated[list[output | _Scalar], msgspec.Meta(max_length=16)]  # type: ignore[valid-type]
+    doc = msgspec.defstruct("InferDoc", [("inputs", items | _Scalar | _Dict, None), ("outputs", outs | _Scalar | _Dict, None),
+                                         ("parameters", _Loose, None), ("id", _Loose, None)])  # fmt: skip
+    return msgspec.json.Decoder(doc)
+
+
+def _plain(value: Any) -> Any:
+    """A decoded struct as the dict the checks below read (no copy of ``data``)."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, msgspec.Struct):
+        return {f: getattr(value, f) for f in value.__struct_fields__ if getattr(value, f) is not msgspec.UNSET}
+    return value
+
+
+def _decode_doc(head: bytes, model: Model, max_images: int) -> dict[str, Any]:
+    rows, cols = model.image_shape
+    decoder = _envelope(model.n_features, rows, cols, 2 * max_images * model.n_features)
+    try:
+        doc = decoder.decode(head)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if " - at " not in text:
+            raise InvalidInput("the inference request must be a JSON object", code="invalid_type") from None
+        if ".data" in text:
+            raise InvalidInput(f"input data must contain only numbers in regular nested lists: {text}",
+                               code="invalid_type") from None  # fmt: skip
+        raise InvalidInput(f"invalid inference request: {text}", code="invalid_type") from None
+    except msgspec.DecodeError as exc:
+        raise MalformedBody(f"malformed JSON: {exc}", code="malformed_json") from None
+    return {"inputs": _plain(doc.inputs), "outputs": _plain(doc.outputs), "parameters": doc.parameters, "id": doc.id}
+
+
+def parse_infer(body: bytes, declared: str | None, model: Model, max_images: int,
+                max_json_bytes: int | None = None) -> InferRequest:  # fmt: skip
     """A REST inference request (JSON, or JSON header + binary tail) -> pixels, outputs wanted, id, timeout."""
     head, tail = split(body, declared)
     if not head:
         raise MalformedBody("the request body is empty; send JSON")
-    try:
-        doc = orjson.loads(head)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedBody(f"malformed JSON: {exc}", code="malformed_json") from None
-    if not isinstance(doc, dict):
-        raise InvalidInput("the inference request must be a JSON object", code="invalid_type")
+    if max_json_bytes is not None and len(head) > max_json_bytes:
+        raise PayloadTooLarge(f"the JSON part is {len(head)} bytes; JSON is limited to {max_json_bytes} (send the "
+                              "tensor with the binary tensor data extension)")  # fmt: skip
+    doc = _decode_doc(head, model, max_images)
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise InvalidInput(f'"inputs" must be a list holding one input, {model.input_name!r}', code="missing_field")
