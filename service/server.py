@@ -93,11 +93,16 @@ def build_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
     limits = HttpLimits(
         max_header_bytes=settings.max_header_bytes,
         header_timeout_s=settings.header_timeout_s,
-        body_timeout_s=settings.body_timeout_s + 1.0,  # a backstop: read_body answers 400 body_timeout first
+        body_timeout_s=settings.body_timeout_s,  # the protocol answers 400 body_timeout, whatever the route
+        max_body_bytes=settings.max_body_bytes,
     )
-    asgi: ASGIApp = app
-    if settings.max_inflight_requests > 0:
-        asgi = InflightLimit(app, settings.max_inflight_requests, on_refuse=_count_refusal(app))
+    asgi: ASGIApp = InflightLimit(  # a request limit of 0 means none; the body budget always applies
+        app,
+        settings.max_inflight_requests,
+        on_refuse=_count_refusal(app),
+        max_body_bytes=settings.max_body_bytes,
+        max_body_bytes_in_flight=settings.max_inflight_body_bytes,
+    )
     return uvicorn.Config(
         asgi,
         host=settings.host,

@@ -120,6 +120,12 @@ class Settings(BaseSettings):
         10.0, gt=0, description="A request body must fully arrive within this (400 body_timeout / closed)."
     )
     timeout_keep_alive_s: int = Field(5, ge=1, description="Idle keep-alive connections close after this.")
+    max_inflight_body_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Request bodies (by declared size; JSON weighs 6x) being received or processed at once; "
+        "beyond it: 503 before the body is read.",
+    )
     max_inflight_requests: int = Field(
         1024, ge=0, description="Inference requests processed at once; beyond it: 503 at once (0 = no limit)."
     )
