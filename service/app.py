@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -84,8 +83,20 @@ class ServiceApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+class _Live:
+    """The running parts of one app, set by its lifespan."""
+
+    __slots__ = ("core", "state")
+
+    def __init__(self) -> None:
+        self.core: Core | None = None
+        self.state: ServiceState | None = None
+
+
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> ServiceApp:
     """Build the app. ``registry`` may be pre-loaded (the CLI does, to fail fast); else the lifespan loads it."""
+
+    live = _Live()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -95,6 +106,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Ser
         state.metrics.inline_max.set_function(lambda: state.batcher.inline_max_s)
         app.state.svc = state
         app.state.core = core
+        live.state, live.core = state, core  # what the hot path reads (a plain attribute, not Starlette's State)
         state.batcher.start()
         default = reg.default
         log.info("model loaded", extra={"model": reg.name, "version": default.version, "provider": default.provider,
@@ -129,12 +141,11 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Ser
     _install_error_handlers(app)
 
     def core() -> Core:
-        c: Core = app.state.core
-        return c
+        assert live.core is not None, "the lifespan has not started"
+        return live.core
 
     def state() -> ServiceState | None:
-        svc: Any = getattr(app.state, "svc", None)
-        return svc  # type: ignore[no-any-return]
+        return live.state
 
     v1 = rest.Rest(core)
     v2 = oip.Oip(core)

@@ -87,15 +87,18 @@ def _typed(decoder: msgspec.json.Decoder[Any], body: bytes, field: str, max_imag
         raise InvalidInput(f"invalid {field}: {text}", code=code) from None
     except msgspec.DecodeError as exc:
         raise MalformedBody(f"malformed JSON: {exc}", code="malformed_json") from None
+    except RecursionError:  # nesting deeper than the decoder follows (an unknown field may hold anything)
+        raise MalformedBody("malformed JSON: nested too deeply", code="malformed_json") from None
 
 
 def _json_image(image: list[Any], shape: Shape, what: str) -> np.ndarray:
     """A flat list of ``features`` numbers or ``rows`` lists of ``cols`` -> (features,) float32."""
     try:
-        if isinstance(image[0], float):
-            arr = np.fromiter(image, dtype=np.float32, count=len(image))
-        else:
-            arr = np.array(image, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a number beyond float32 becomes inf: check_range names it
+            if isinstance(image[0], float):
+                arr = np.fromiter(image, dtype=np.float32, count=len(image))
+            else:
+                arr = np.array(image, dtype=np.float32)
     except (TypeError, ValueError):
         raise InvalidInput(f"{what} mixes numbers and rows, or has rows of different lengths",
                            code="invalid_shape") from None  # fmt: skip

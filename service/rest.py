@@ -42,8 +42,8 @@ FEEDBACK_BODY_BYTES = 4096
 
 class _FeedbackBody(msgspec.Struct, forbid_unknown_fields=True):
     prediction_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    label: Annotated[int, msgspec.Meta(ge=0, le=9)]
-    index: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    label: Annotated[float, msgspec.Meta(ge=0, le=9)]  # JSON integers; 4.0 is one too (checked below)
+    index: Annotated[float, msgspec.Meta(ge=0, le=65535)] = 0
 
 
 _FEEDBACK = msgspec.json.Decoder(_FeedbackBody)
@@ -67,7 +67,8 @@ class Rest:
         ct = header(scope, b"content-type")
         if decode.media_type(ct) not in table:
             raise decode.unsupported(decode.media_type(ct), tuple(table))
-        body = await read_body(scope, receive, core.settings.max_body_bytes)
+        limit = core.settings.max_json_bytes if decode.media_type(ct) == decode.JSON else core.settings.max_body_bytes
+        body = await read_body(scope, receive, limit)
         admission = core.admit(core.deadline_ms(header(scope, b"x-request-deadline-ms")))
         images = await core.decode(table, ct, body, admission.model)
         del body
@@ -115,11 +116,14 @@ class Rest:
             raise InvalidInput(f"invalid feedback: {exc}", code="validation_error") from None
         except msgspec.DecodeError as exc:
             raise MalformedBody(f"malformed JSON: {exc}", code="malformed_json") from None
+        if not (float(fb.label).is_integer() and float(fb.index).is_integer()):
+            raise InvalidInput("invalid feedback: label and index must be integers", code="validation_error")
+        label, index = int(fb.label), int(fb.index)
         scheme, _, token = (header(scope, b"authorization") or "").partition(" ")
         given = token.strip() if scheme.lower() == "bearer" else None
-        correct = core.feedback(fb.prediction_id, fb.label, fb.index, source=client_of(scope), token=given)
+        correct = core.feedback(fb.prediction_id, label, index, source=client_of(scope), token=given)
         if correct is None:
-            raise NotFound(f"no remembered prediction {fb.prediction_id!r} (index {fb.index}); only recent "
+            raise NotFound(f"no remembered prediction {fb.prediction_id!r} (index {index}); only recent "
                            "predictions of this replica are kept")  # fmt: skip
         return json_reply(orjson.dumps({"prediction_id": fb.prediction_id, "correct": correct}))
 

@@ -104,7 +104,8 @@ def _json_data(data: Any, model: Model, max_images: int, what: str) -> np.ndarra
     rows, cols = model.image_shape
     try:
         values = msgspec.convert(data, _data_type(model.n_features, rows, cols, max_images * model.n_features))
-        arr = np.array(values, dtype=np.float32)
+        with np.errstate(over="ignore"):  # beyond float32: inf, which the range check names
+            arr = np.array(values, dtype=np.float32)
     except msgspec.ValidationError as exc:
         raise InvalidInput(
             f"{what} must contain only numbers in regular nested lists: {exc}", code="invalid_type"
@@ -226,6 +227,8 @@ def _decode_doc(head: bytes, model: Model, max_images: int) -> dict[str, Any]:
         raise InvalidInput(f"invalid inference request: {text}", code="invalid_type") from None
     except msgspec.DecodeError as exc:
         raise MalformedBody(f"malformed JSON: {exc}", code="malformed_json") from None
+    except RecursionError:
+        raise MalformedBody("malformed JSON: nested too deeply", code="malformed_json") from None
     return {"inputs": _plain(doc.inputs), "outputs": _plain(doc.outputs), "parameters": doc.parameters, "id": doc.id}
 
 
