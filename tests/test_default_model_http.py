@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from tests.helpers import DEFAULT_MODEL, ROOT, Server, load_mnist_test, start_server
+from tests.helpers import DEFAULT_MODEL, ROOT, Server, assert_clean_shutdown, load_mnist_test, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def offline(digits: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server(DEFAULT_MODEL.parent.parent, tmp_path_factory.mktemp("default"), "--no-access-log")
     yield srv
-    assert srv.terminate() == 0
+    assert_clean_shutdown(srv)
 
 
 def scaled(x: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.helpers import DEFAULT_MODEL, ROOT, Server, start_server
+from tests.helpers import DEFAULT_MODEL, ROOT, Server, assert_clean_shutdown, start_server
 
 pytestmark = pytest.mark.browser
 
@@ -38,7 +38,7 @@ def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     repo, args = (DEFAULT_MODEL.parent.parent, ["--model-name", DEFAULT_MODEL.parent.name]) if REAL else (tiny_repo, [])
     srv = start_server(repo, tmp_path_factory.mktemp("demo-srv"), *args, env={"MNIST_DASHBOARD_URL": DASHBOARD})
     yield srv
-    assert srv.terminate() == 0, srv.logs()
+    assert_clean_shutdown(srv)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from service.docs_assets import ASSETS_URL, CSP
-from tests.helpers import start_server
+from tests.helpers import assert_clean_shutdown, start_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -26,7 +26,7 @@ def base_url(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """The real service (``python -m service.server``) on 127.0.0.1."""
     server = start_server(tiny_repo, tmp_path_factory.mktemp("docs-srv"))
     yield server.url
-    assert server.terminate() == 0, server.logs()
+    assert_clean_shutdown(server)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import Server, run_onnx, running_server, start_server, tiny_onnx, write_model
+from tests.helpers import Server, assert_clean_shutdown, run_onnx, running_server, start_server, tiny_onnx, write_model
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -74,7 +74,7 @@ def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
     srv = start_server(repo, tmp_path_factory.mktemp("swap-srv"),
                        env={"MNIST_ADMIN_TOKEN": TOKEN, "MNIST_MODEL_VERSION": "1"})  # fmt: skip
     yield srv
-    assert srv.terminate() == 0, srv.logs()
+    assert_clean_shutdown(srv)
 
 
 @pytest.fixture

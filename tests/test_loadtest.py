@@ -16,7 +16,7 @@ import pytest
 
 from loadtest.profiles import MIXED_THINK_S, PROFILES
 from loadtest.run import is_loopback
-from tests.helpers import ROOT, free_port, running_server, write_model
+from tests.helpers import ROOT, assert_clean_shutdown, free_port, running_server, write_model
 
 
 def _loadtest(*args: str, digits: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -95,7 +95,7 @@ def test_loadtest_meets_a_loose_slo_and_misses_an_impossible_one(tmp_path: Path)
         assert (bad_dir / "locust_stats.csv").exists()
         assert (bad_dir / "report.html").exists()
         assert _requests(bad_dir / "locust_stats.csv")[0] > 0
-        assert server.terminate() == 0
+        assert_clean_shutdown(server)
 
 
 def test_loadtest_refuses_a_remote_target(tmp_path: Path) -> None:

@@ -35,7 +35,16 @@ import yaml
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import DEFAULT_MODEL, ROOT, Server, free_port, load_mnist_test, start_server, write_model
+from tests.helpers import (
+    DEFAULT_MODEL,
+    ROOT,
+    Server,
+    assert_clean_shutdown,
+    free_port,
+    load_mnist_test,
+    start_server,
+    write_model,
+)
 
 OBS = ROOT / "observability"
 PROM_CONFIG = OBS / "prometheus" / "prometheus.yml"
@@ -560,7 +569,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         finally:
             prom.stop()
     finally:
-        assert server.terminate() == 0, server.logs()[-3000:]
+        assert_clean_shutdown(server)
 
 
 def _has_finite_value(result: list[dict[str, Any]]) -> bool:
@@ -760,7 +769,7 @@ def fresh(tmp_path: Path) -> Iterator[Fresh]:
         finally:
             prom.stop()
     finally:
-        assert server.terminate() == 0, server.logs()[-3000:]
+        assert_clean_shutdown(server)
 
 
 def _rule(name: str) -> dict[str, Any]:
@@ -860,7 +869,7 @@ def test_demo_traffic_needs_no_httpx(tmp_path: Path) -> None:
             sum(v for lb, v in m["http_requests_total"] if lb["route"] == "/v1/predict" and lb["status"] == "200") == 40
         )
     finally:
-        assert server.terminate() == 0, server.logs()[-3000:]
+        assert_clean_shutdown(server)
 
 
 @pytest.mark.prometheus

@@ -16,7 +16,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.helpers import Server, run_onnx, start_server, tiny_onnx, write_model
+from tests.helpers import Server, assert_clean_shutdown, run_onnx, start_server, tiny_onnx, write_model
 
 BLOBS = {"1": tiny_onnx(11), "2": tiny_onnx(12)}
 MAX_BATCH = 8  # small, so that a 20-image request is split into engine-sized chunks (submit_many)
@@ -33,7 +33,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "--max-images-per-request", str(MAX_IMAGES), "--max-body-bytes", "400000",
     )  # fmt: skip
     yield srv
-    assert srv.terminate() == 0, srv.logs()
+    assert_clean_shutdown(srv)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from PIL import Image
 
 from service.errors import MalformedBody, PayloadTooLarge
 from service.png import png_pixels
-from tests.helpers import DEFAULT_MODEL, ROOT, load_mnist_test, start_server
+from tests.helpers import DEFAULT_MODEL, ROOT, assert_clean_shutdown, load_mnist_test, start_server
 
 SHAPE = (28, 28)
 LIMIT = 4096 * 4096
@@ -282,4 +282,4 @@ def test_a_phone_photo_over_http(tmp_path: Path) -> None:
                 assert r.status_code == status, r.text
                 assert set(r.json()["error"]) >= {"code", "message", "request_id"}
     finally:
-        assert server.terminate() == 0, server.logs()
+        assert_clean_shutdown(server)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import ROOT, Server, run_onnx, start_server, tiny_onnx, write_model
+from tests.helpers import ROOT, Server, assert_clean_shutdown, run_onnx, start_server, tiny_onnx, write_model
 
 BLOB = tiny_onnx(0)
 
@@ -27,7 +27,7 @@ def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         tiny_repo, tmp_path_factory.mktemp("srv"), "--max-images-per-request", "300", "--max-body-bytes", "6000000"
     )
     yield srv
-    assert srv.terminate() == 0, srv.logs()
+    assert_clean_shutdown(srv)
 
 
 @pytest.fixture
