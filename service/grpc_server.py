@@ -278,7 +278,10 @@ class GrpcServer:
         await self.health.set("", _SERVING)
         await self._sync_health()
         await self.server.start()
-        self._watcher = asyncio.create_task(self._watch())
+        changed = asyncio.Event()
+        self.core.state.on_ready.append(changed.set)
+        self.core.state.on_drain.append(changed.set)
+        self._watcher = asyncio.create_task(self._watch(changed))
         log.info("gRPC listening", extra={"host": s.host, "port": self.port})
 
     async def _sync_health(self) -> None:
@@ -286,12 +289,14 @@ class GrpcServer:
         for name in READINESS_NAMES:
             await self.health.set(name, status)
 
-    async def _watch(self) -> None:
+    async def _watch(self, changed: asyncio.Event) -> None:
         """Readiness names follow the core: SERVING once warm, NOT_SERVING for good once draining starts."""
-        while not self.core.draining:
+        while True:
+            changed.clear()
             await self._sync_health()
-            await asyncio.sleep(0.1)
-        await self._sync_health()
+            if self.core.draining:
+                return
+            await changed.wait()
 
     async def drain(self, grace_s: float) -> None:
         """Health NOT_SERVING, new inference refused (UNAVAILABLE, by the core), calls in flight finish

@@ -186,8 +186,7 @@ class Core:
             log.exception("warm-up failed; the service stays not ready")
             return
         if not state.draining:
-            state.ready = True
-            state.metrics.ready.set(1)
+            state.set_ready()
             log.info("ready", extra={"model": state.registry.name, "version": state.registry.default.version})
 
     async def calibrate(self, model: Model) -> None:

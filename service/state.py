@@ -32,6 +32,8 @@ class ServiceState:
     warmup: asyncio.Task[None] | None = field(default=None)
     #: Called once when the drain begins (SIGTERM): other front-ends (gRPC) start their own drain at once.
     on_drain: list[Callable[[], None]] = field(default_factory=list)
+    #: Called when the service becomes ready (warm): other front-ends update their health at once.
+    on_ready: list[Callable[[], None]] = field(default_factory=list)
 
     @classmethod
     def build(cls, settings: Settings, registry: ModelRegistry) -> ServiceState:
@@ -56,6 +58,14 @@ class ServiceState:
         )
         access_log = AccessLog() if settings.access_log else None
         return cls(settings, registry, metrics, quality, feedback, batcher, access_log=access_log)
+
+    def set_ready(self) -> None:
+        """Warm and not draining: readiness turns 200 (and the hooks tell the other front-ends)."""
+        if not self.draining:
+            self.ready = True
+            self.metrics.ready.set(1)
+            for hook in self.on_ready:
+                hook()
 
     def begin_drain(self) -> None:
         """Readiness goes 503 first; responses then carry ``Connection: close``; new work is refused."""
