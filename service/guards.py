@@ -19,25 +19,20 @@ connection:
 - 400 ``body_timeout`` when the body has not fully arrived ``body_timeout_s`` after the headers and no
   response has started (the connection is closed either way).
 
-``InflightLimit`` (pure ASGI, outermost) bounds the inference requests processed at once and the request
-body bytes in flight, by declared size; when the load falls it hands freed heap memory back to the
-operating system (``malloc_trim``).
+``InflightLimit`` (pure ASGI, outermost: service/inflight.py) bounds the inference requests processed at once and
+the request body bytes in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httptools
 import orjson
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 log = logging.getLogger("service.guards")
@@ -275,172 +270,3 @@ def guarded_protocol(limits: HttpLimits) -> type[GuardedHttpToolsProtocol]:
 
     Bound.limits = limits
     return Bound
-
-
-def is_inference(scope: Scope) -> bool:
-    path: str = scope["path"]
-    return scope["method"] == "POST" and (path.startswith("/v1/predict") or path.endswith("/infer"))
-
-
-def _load_malloc_trim() -> Callable[[], int] | None:
-    """glibc's ``malloc_trim(0)``: returns free heap pages of every arena to the OS (None off glibc)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return lambda: int(trim(0))
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-#: What decoding a body costs in memory, per byte, relative to a binary batch (measured, docs/reliability.md):
-#: a JSON batch about 10 times its size at peak (Python objects per number), a ``.npy`` batch 2 to 6 times.
-JSON_WEIGHT = 6
-
-
-def body_cost(scope: Scope, max_body_bytes: int) -> int:
-    """What a request's body counts against the in-flight budget: its declared ``Content-Length`` (0 without a
-    body); ``max_body_bytes``, the most it can grow to, when it is chunked or compressed
-    (``Content-Encoding``); times ``JSON_WEIGHT`` for JSON."""
-    size = 0
-    encoded = json = False
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            size = max(size, int(value) if value.isdigit() else 0)
-        elif name == b"transfer-encoding":
-            size = max_body_bytes
-        elif name == b"content-encoding":
-            encoded = value.strip().lower() not in (b"", b"identity")
-        elif name == b"content-type":
-            json = value.lstrip().lower().startswith(b"application/json")
-    if size and encoded:
-        size = max_body_bytes
-    return size * JSON_WEIGHT if json else size
-
-
-class InflightLimit:
-    """Pure ASGI, outermost: two admission bounds answered at once with a prebuilt 503, and heap trimming.
-
-    - At most ``limit`` inference requests are processed at once. A request counts from the moment its body
-      has fully arrived (the app's ``receive`` returns the last chunk) until its response ends, so slow
-      uploaders hold no slot (the body timeout bounds them).
-    - At most ``max_body_bytes_in_flight`` bytes of request bodies, on every route, by declared size
-      (``body_cost``: a chunked or compressed body counts as ``max_body_bytes``, the most it can become, and
-      JSON six times its size), from the request's start to its response's end: what bodies, their copies
-      and their decoded arrays hold at once grows with it, not with the number of connections. A request
-      alone is always admitted (``max_body_bytes`` bounds it).
-
-    The checks happen when the request starts, before any routing or body read, and the refusal is a
-    prebuilt response: under overload a refusal must cost far less than the work it sheds, or the refusals
-    alone fill the CPU (measured in docs/reliability.md). The refusal closes the connection: a client
-    retrying at once must reconnect (which slows a retry storm), and behind an L4 balancer (a Kubernetes
-    Service) the new connection may land on another replica. Requests without a body (health, readiness,
-    metrics, metadata) are never limited, so probes keep working under overload.
-
-    When no body is in flight any more and at least ``trim_after_bytes`` of bodies went through since the
-    last trim, glibc's ``malloc_trim(0)`` runs in a worker thread: large buffers freed by the requests stay
-    in the allocator's arenas otherwise, and the process's resident memory would never come back down
-    after a burst (measured in docs/reliability.md).
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        limit: int,
-        on_refuse: Callable[[], None] | None = None,
-        *,
-        max_body_bytes_in_flight: int = 64 * MiB,
-        max_body_bytes: int = 16 * MiB,
-        trim_after_bytes: int = 32 * MiB,
-        trim_delay_s: float = 0.5,
-    ) -> None:
-        self.app = app
-        self.limit = limit if limit > 0 else 2**62
-        self.processing = 0
-        self.body_bytes = 0
-        self.max_body_bytes_in_flight = max_body_bytes_in_flight
-        self.max_body_bytes = max_body_bytes
-        self.on_refuse = on_refuse
-        self.trim_after_bytes = trim_after_bytes
-        self.trim_delay_s = trim_delay_s
-        self.trims = 0
-        self._since_trim = 0
-        self._trim_pending = False
-        self._refusal_requests = self._refusal(f"{limit} inference requests are already in progress; retry later")
-        self._refusal_bytes = self._refusal(
-            f"{max_body_bytes_in_flight} bytes of request bodies are already in progress; retry later"
-        )
-
-    @staticmethod
-    def _refusal(message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
-        body = orjson.dumps({"error": {"code": "too_many_requests", "request_id": None, "message": message}})
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"retry-after", b"1"),
-            (b"connection", b"close"),
-        ]
-        return headers, body
-
-    async def _refuse(self, send: Send, refusal: tuple[list[tuple[bytes, bytes]], bytes]) -> None:
-        if self.on_refuse is not None:
-            self.on_refuse()
-        await send({"type": "http.response.start", "status": 503, "headers": refusal[0]})
-        await send({"type": "http.response.body", "body": refusal[1]})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        cost = body_cost(scope, self.max_body_bytes)
-        inference = is_inference(scope)
-        if not cost and not inference:
-            await self.app(scope, receive, send)
-            return
-        if inference and self.processing >= self.limit:
-            await self._refuse(send, self._refusal_requests)
-            return
-        if cost and self.body_bytes and self.body_bytes + cost > self.max_body_bytes_in_flight:
-            await self._refuse(send, self._refusal_bytes)
-            return
-        self.body_bytes += cost
-        counted = False
-
-        async def counting_receive() -> Message:
-            nonlocal counted
-            message = await receive()
-            if not counted and message["type"] == "http.request" and not message.get("more_body", False):
-                self.processing += 1
-                counted = True
-            return message
-
-        # The batcher reads the connection state from ``receive.__self__`` (uvicorn's request cycle) to drop
-        # callers that hung up without a task per request; keep it reachable through the wrapper.
-        setattr(counting_receive, "connection", getattr(receive, "__self__", None))  # noqa: B010
-        try:
-            await self.app(scope, counting_receive if inference else receive, send)
-        finally:
-            if counted:
-                self.processing -= 1
-            self.body_bytes -= cost
-            self._since_trim += cost
-            if not self.body_bytes and self._since_trim >= self.trim_after_bytes and not self._trim_pending:
-                self._trim_pending = True
-                asyncio.get_running_loop().call_later(self.trim_delay_s, self._trim_if_idle)
-
-    def _trim_if_idle(self, again: bool = True) -> None:
-        self._trim_pending = False
-        if self.body_bytes or _MALLOC_TRIM is None:
-            return  # load came back: trim when it falls again
-        self._since_trim = 0
-        self.trims += 1
-        loop = asyncio.get_running_loop()
-        # Off the event loop: trimming a large heap takes milliseconds (ctypes releases the GIL meanwhile).
-        loop.run_in_executor(None, _MALLOC_TRIM)
-        if again:  # once more a little later: the quality statistics still hold the last batches for a moment
-            self._trim_pending = True
-            loop.call_later(10 * self.trim_delay_s, self._trim_if_idle, False)

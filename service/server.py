@@ -28,7 +28,8 @@ from starlette.types import ASGIApp
 from service import logs
 from service.app import create_app
 from service.errors import ModelLoadError
-from service.guards import HttpLimits, InflightLimit, guarded_protocol
+from service.guards import HttpLimits, guarded_protocol
+from service.inflight import InflightLimit
 from service.registry import ModelRegistry
 from service.settings import InvalidSettings, Settings, settings_from_args
 from service.state import ServiceState

@@ -729,7 +729,7 @@ def test_the_body_budget_weighs_json_by_what_it_costs(repo: Path, tmp_path: Path
     """The in-flight body budget counts a JSON body ``JSON_WEIGHT`` times its size: one JSON batch just under
     the JSON limit must cost, per body byte, no more than that many times what a ``.npy`` batch costs (each
     measured alone on a fresh server), or the budget would let JSON past the memory it is meant to bound."""
-    from service.guards import JSON_WEIGHT
+    from service.inflight import JSON_WEIGHT
 
     json_body = b'{"images": [' + b",".join([b"[" + b",".join([b"0.25"] * 784) + b"]"] * 2000) + b"]}"
     cost = {}
