@@ -8,6 +8,7 @@ transport), remembering predictions for feedback, and the shape of a result. It 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import math
@@ -185,6 +186,10 @@ class Core:
         except Exception:
             log.exception("warm-up failed; the service stays not ready")
             return
+        if self.settings.gc_tuning:
+            gc.collect()
+            gc.freeze()  # the start-up objects (FastAPI, pydantic, ONNX Runtime bindings) are never scanned again
+            gc.set_threshold(10_000, 20, 20)
         if not state.draining:
             state.set_ready()
             log.info("ready", extra={"model": state.registry.name, "version": state.registry.default.version})

@@ -23,7 +23,7 @@ App = tuple[httpx.AsyncClient, Core]
 
 
 async def started(tiny_repo: Path, **settings: Any) -> AsyncIterator[App]:
-    app = create_app(Settings(model_repository=tiny_repo, access_log=False, **settings))
+    app = create_app(Settings(model_repository=tiny_repo, access_log=False, gc_tuning=False, **settings))
     async with app.router.lifespan_context(app):
         core: Core = app.state.core
         for _ in range(1000):
