@@ -62,9 +62,14 @@ class Settings(BaseSettings):
     )
     max_queue_images: int = Field(4096, ge=1, description="Single-image work allowed to wait; beyond it: 503.")
     max_bulk_queue_images: int = Field(16384, ge=1, description="Bulk images allowed to wait; beyond it: 503.")
-    bulk_chunk_images: int = Field(1024, ge=1, description="Bulk requests run in engine calls of this many images.")
+    bulk_chunk_images: int = Field(512, ge=1, description="Bulk requests run in engine calls of this many images.")
     bulk_parallel: int = Field(
-        2, ge=1, le=64, description="Bulk engine calls run at once while no single-image work waits (one per core)."
+        1,
+        ge=1,
+        le=64,
+        description="Bulk engine calls run at once while no single-image work waits. 1 on 2 cores: the event loop "
+        "needs the other core to read bulk bodies, so a second engine thread adds no throughput but delays single "
+        "images; raise it on bigger machines.",
     )
     inline_budget_us: float = Field(
         100.0,
