@@ -224,6 +224,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"{mach.get('loadavg_end', [0])[0]:.2f} at the end; event loop `{result.get('loop')}` for every design "
         f"unless named; ONNX Runtime {mach['onnxruntime']}, Python {mach['python']}, {mach['cores']} cores."
     )
+    git = result.get("git") or {}
+    if git.get("commit"):
+        dirty = git.get("uncommitted") or []
+        out[-1] += f" Code: commit `{git['commit'][:12]}`" + (
+            f", with uncommitted changes to {', '.join(dirty)}."
+            if dirty
+            else ", no uncommitted change to `service/` or `bench/`."
+        )
     out.append("")
     head = ["design", "server", "loop", "workload", "conc", "req/s", "images/s", "p50 ms", "p95 ms", "p99 ms",
             "errors", "batch", "srv cpu", "loop thread", "CPU us/req", "rss MB", "gen cpu"]  # fmt: skip

@@ -35,7 +35,7 @@ import onnxruntime as ort
 
 from bench import engine, grpc_load, plots, profile
 from bench.loadgen import Workload, WrkResult, WrkRun, run_wrk, wrk_binary
-from bench.models import DEFAULT_REPOSITORY, ModelUnderTest, find_model, real_digits, write_standin
+from bench.models import DEFAULT_REPOSITORY, ROOT, ModelUnderTest, find_model, real_digits, write_standin
 from bench.report import Point, best_of_repeats, find, table, targets, targets_table
 from bench.servers import ProcSampler, ServerProc, free_port, mean_batch, scrape, start
 from bench.workloads import bulk_json, bulk_raw, single_json, single_png
@@ -200,6 +200,19 @@ def machine() -> dict[str, Any]:
         "wrk": wrk_version.strip(),
         "packages": versions,
     }
+
+
+def git_state() -> dict[str, Any]:
+    """The commit the run measured, and whether the service or the bench differed from it (uncommitted edits)."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "uncommitted": git("status", "--porcelain", "--", "service", "bench").splitlines()}  # fmt: skip
 
 
 def _env_pairs(pairs: list[str]) -> dict[str, str]:
@@ -415,6 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "command": "mnist-bench" + ("" if argv is None else "".join(f" {a}" for a in argv)),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "git": git_state(),
         "machine": machine(),
         "model": {
             "name": model.name,
