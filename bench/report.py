@@ -267,6 +267,7 @@ def markdown(result: dict[str, Any]) -> str:
             out.append(_md_row([cfg, str(first["intra_op_threads"] or "ORT default"), str(first["spinning"]),
                                 str(first["callers"]), *[_n(row[b]["images_per_s"]) if b in row else "-"
                                                          for b in batches]]))  # fmt: skip
+        out.append("")
         for e in eng.get("beside_bulk", []):
             out.append(f"- beside the bulk points: {e['config']} batch {e['batch']}: {e['images_per_s']:.0f} images/s")
         b = eng["best"]
