@@ -142,8 +142,9 @@ class Settings(BaseSettings):
     )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "asyncio",
-        description="asyncio: fair to new connections under overload; uvloop: ~10% more peak throughput, but "
-        "starves new connections (probes included) while many busy ones are open (docs/reliability.md).",
+        description="asyncio: fair to new connections under overload; uvloop: no measurable throughput gain for "
+        "this service (docs/performance.md), and it starves new connections (probes included) while many busy ones "
+        "are open (docs/reliability.md).",
     )
 
     @field_validator("cors_origins", mode="before")
