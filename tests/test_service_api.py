@@ -361,7 +361,9 @@ def test_sigterm_drains_in_flight_requests(tiny_repo: Path, tmp_path: Path) -> N
     errors: list[str] = []
     ready_after: list[int] = []
 
-    def worker() -> None:
+    connected = [threading.Event() for _ in range(8)]
+
+    def worker(i: int) -> None:
         with httpx.Client(base_url=srv.url, timeout=10) as c:
             while not stop.is_set():
                 try:
@@ -373,12 +375,17 @@ def test_sigterm_drains_in_flight_requests(tiny_repo: Path, tmp_path: Path) -> N
                     errors.append(repr(exc))
                     return
                 statuses.append(r.status_code)
+                connected[i].set()
                 if r.headers.get("connection") == "close":
                     return
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
+    # Every client's connection is accepted and answered once before the signal: a connection still in the
+    # kernel's listen backlog when the listener closes is reset by the kernel, never seen by the server.
+    for event in connected:
+        assert event.wait(60), "a client never got an answer"
     while len(statuses) < 50:
         threading.Event().wait(0.01)
     srv.proc.send_signal(15)
