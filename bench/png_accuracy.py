@@ -8,7 +8,7 @@ resize of the whole image to 28x28 would give, for comparison.
 
     python -m bench.png_accuracy [--limit 2000] [--data path/to/mnist.npz]
 
-Data: ``../shared/data/mnist.npz`` when present, else ``tests/fixtures/mnist_small.npz`` (1000 test digits).
+Data: ``--data path/to/mnist.npz`` (the MNIST test set), else ``tests/fixtures/mnist_small.npz`` (1000 test digits).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from service.png import png_pixels
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "mnist-mlp" / "1" / "model.onnx"
-DATA = (ROOT.parent / "shared" / "data" / "mnist.npz", ROOT / "tests" / "fixtures" / "mnist_small.npz")
+DATA = (ROOT / "tests" / "fixtures" / "mnist_small.npz",)  # 1,000 test digits; --data for the full set
 MAX_PIXELS = 4096 * 4096
 
 Render = Callable[[np.ndarray, np.random.Generator], bytes]
