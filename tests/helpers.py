@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import socket
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -157,6 +158,42 @@ def assert_clean_shutdown(server: Server, allow: Iterable[str] = ()) -> None:
     assert code == 0, f"the server exited with {code}:\n{server.logs()[-5000:]}"
     failures = log_failures(server.logs(), allow)
     assert not failures, "the server logged errors:\n" + "\n".join(f[:2000] for f in failures[:10])
+
+
+FIXTURE_DIGITS = ROOT / "tests" / "fixtures" / "mnist_small.npz"
+
+
+def mnist_test_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The full MNIST test set when present, else the shipped fixture of 1,000 real test digits."""
+    data = load_mnist_test()
+    if data is None:
+        with np.load(FIXTURE_DIGITS) as f:
+            return f["x_test"], f["y_test"]
+    return data
+
+
+def offline_probabilities(images: np.ndarray) -> np.ndarray:
+    """The default model's probabilities for uint8 images, from ONNX Runtime in this process."""
+    import onnxruntime as ort
+
+    meta = json.loads((DEFAULT_MODEL / "metadata.json").read_text())
+    sess = ort.InferenceSession(str(DEFAULT_MODEL / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = images.reshape(-1, 784).astype(np.float32) * np.float32(meta["preprocessing"]["scale"])
+    return np.asarray(sess.run(None, {meta["input"]["name"]: x})[0])
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float, what: str = "the connection") -> bytes:
+    """Everything the server sends until it closes ``sock``; fails if it keeps it open past ``timeout_s``."""
+    sock.settimeout(timeout_s)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        raise AssertionError(f"the server kept {what} open past {timeout_s} s (got {data[:80]!r})") from None
+    except ConnectionResetError:
+        pass
+    return data
 
 
 def load_mnist_test() -> tuple[np.ndarray, np.ndarray] | None:

@@ -11,30 +11,30 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from tests.helpers import DEFAULT_MODEL, ROOT, Server, assert_clean_shutdown, load_mnist_test, start_server
+from tests.helpers import (
+    DEFAULT_MODEL,
+    Server,
+    assert_clean_shutdown,
+    mnist_test_digits,
+    offline_probabilities,
+    start_server,
+)
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[np.ndarray, np.ndarray]:
-    data = load_mnist_test()
-    if data is None:  # without ../shared: the shipped fixture of real test digits
-        with np.load(ROOT / "tests" / "fixtures" / "mnist_small.npz") as f:
-            return f["x_test"], f["y_test"]
-    return data
+    return mnist_test_digits()
 
 
 @pytest.fixture(scope="module")
 def offline(digits: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    meta = json.loads((DEFAULT_MODEL / "metadata.json").read_text())
-    sess = ort.InferenceSession(str(DEFAULT_MODEL / "model.onnx"), providers=["CPUExecutionProvider"])
-    x = digits[0].reshape(-1, 784).astype(np.float32) * np.float32(meta["preprocessing"]["scale"])
-    return np.asarray(sess.run(None, {meta["input"]["name"]: x})[0]).argmax(axis=1)
+    """The model's labels for the test digits, from ONNX Runtime in this process."""
+    return offline_probabilities(digits[0]).argmax(axis=1)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ follows from events the test causes, never from timing.
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import struct
@@ -23,7 +22,6 @@ from typing import Any
 import grpc
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tg
 from google.protobuf.descriptor_pool import DescriptorPool
@@ -36,7 +34,14 @@ from tritonclient.utils import InferenceServerException
 
 from bench import grpc_load
 from reliability.serverproc import wait_ready
-from tests.helpers import DEFAULT_MODEL, ROOT, Server, assert_clean_shutdown, load_mnist_test, start_server
+from tests.helpers import (
+    DEFAULT_MODEL,
+    Server,
+    assert_clean_shutdown,
+    mnist_test_digits,
+    offline_probabilities,
+    start_server,
+)
 from tests.standin import Engine
 
 MODEL = "mnist-mlp"
@@ -127,20 +132,13 @@ def tc(target: str) -> Iterator[tg.InferenceServerClient]:
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[np.ndarray, np.ndarray]:
-    data = load_mnist_test()
-    if data is None:  # without ../shared: the shipped fixture of real test digits
-        with np.load(ROOT / "tests" / "fixtures" / "mnist_small.npz") as f:
-            return f["x_test"], f["y_test"]
-    return data
+    return mnist_test_digits()
 
 
 @pytest.fixture(scope="module")
 def offline(digits: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """The model's probabilities for the test digits, from ONNX Runtime in this process."""
-    meta = json.loads((DEFAULT_MODEL / "metadata.json").read_text())
-    sess = ort.InferenceSession(str(DEFAULT_MODEL / "model.onnx"), providers=["CPUExecutionProvider"])
-    x = digits[0].reshape(-1, 784).astype(np.float32) * np.float32(meta["preprocessing"]["scale"])
-    return np.asarray(sess.run(None, {meta["input"]["name"]: x})[0])
+    return offline_probabilities(digits[0])
 
 
 # ---------------------------------------------------------------------------------------------- protocol

@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, Server, start_server
+from tests.helpers import ROOT, Server, read_until_closed, start_server
 
 MiB = 2**20
 POD_LIMIT_MIB = 512  # k8s/base/deployment.yaml resources.limits.memory
@@ -60,20 +60,6 @@ def hwm(server: Server) -> float:
 
 def rss(server: Server) -> float:
     return proc_status(server.proc.pid, "VmRSS")
-
-
-def read_until_closed(sock: socket.socket, timeout_s: float = 30) -> bytes:
-    """Everything the server sends until it closes the connection (fails if it stays open)."""
-    sock.settimeout(timeout_s)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except TimeoutError:
-        raise AssertionError(f"the server kept the connection open past {timeout_s} s (got {data[:80]!r})") from None
-    except ConnectionResetError:
-        pass
-    return data
 
 
 def parse(data: bytes) -> tuple[int, dict[str, str], bytes]:

@@ -34,7 +34,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from reliability.overload import OverloadConfig
 from reliability.overload import run as run_overload
-from tests.helpers import ROOT, Server, assert_clean_shutdown, log_failures, start_server, tiny_onnx, write_model
+from tests.helpers import (
+    ROOT,
+    Server,
+    assert_clean_shutdown,
+    log_failures,
+    read_until_closed,
+    start_server,
+    tiny_onnx,
+    write_model,
+)
 from tests.standin import Engine
 
 SENTINEL = 0.5  # a first pixel of exactly 0.5 makes the faulty model fail (never k/255 for an integer k)
@@ -273,20 +282,6 @@ def test_inflight_limit_refuses_at_once_and_spares_probes(tiny_repo: Path, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------- slow clients
-def _read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
-    """Everything the server sends until it closes the connection (fails if it stays open)."""
-    sock.settimeout(timeout_s)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except TimeoutError:
-        raise AssertionError(f"the server kept a slow connection open past {timeout_s} s (got {data[:80]!r})") from None
-    except ConnectionResetError:
-        pass
-    return data
-
-
 @pytest.fixture(scope="module")
 def guarded_server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server(tiny_repo, tmp_path_factory.mktemp("guarded"), "--header-timeout-s", "1",
@@ -322,9 +317,9 @@ def test_slow_clients_cannot_exhaust_the_service(guarded_server: Server) -> None
         with guarded_server.client() as c:
             for i in range(20):
                 assert c.post("/v1/predict", json={"image": image(i)}).status_code == 200
-        closed_headers = [_read_until_closed(s, 10) for s in slow_headers]
-        closed_bodies = [_read_until_closed(s, 10) for s in slow_bodies]
-        closed_idle = [_read_until_closed(s, 10) for s in idle]
+        closed_headers = [read_until_closed(s, 10) for s in slow_headers]
+        closed_bodies = [read_until_closed(s, 10) for s in slow_bodies]
+        closed_idle = [read_until_closed(s, 10) for s in idle]
     finally:
         stop.set()
         feeder.join()
@@ -343,7 +338,7 @@ def test_a_body_trickling_into_a_route_without_its_own_timeout_is_cut_off(guarde
     with socket.create_connection(("127.0.0.1", guarded_server.port)) as s:
         s.sendall(b"POST /v1/feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 500\r\n\r\n{\"request_id\": ")  # fmt: skip
-        _read_until_closed(s, 10)  # closed by the body timer (the route reads with FastAPI, no timeout)
+        read_until_closed(s, 10)  # closed by the body timer (the route reads with FastAPI, no timeout)
 
 
 def test_oversized_headers_get_431_and_cost_no_memory(guarded_server: Server) -> None:
@@ -357,7 +352,7 @@ def test_oversized_headers_get_431_and_cost_no_memory(guarded_server: Server) ->
                 sent += 8000
         except OSError:
             pass
-        data = _read_until_closed(s, 10)
+        data = read_until_closed(s, 10)
     assert data.startswith(b"HTTP/1.1 431 "), data[:100]
     assert b'"code":"headers_too_large"' in data
     assert sent < 8 * 2**20, "the server kept reading headers past its limit"
@@ -368,7 +363,7 @@ def test_oversized_headers_get_431_and_cost_no_memory(guarded_server: Server) ->
                     b"GET /healthz?" + b"q" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"):  # fmt: skip
         with socket.create_connection(("127.0.0.1", guarded_server.port)) as s:
             s.sendall(request)
-            assert _read_until_closed(s, 10).startswith(b"HTTP/1.1 431 ")
+            assert read_until_closed(s, 10).startswith(b"HTTP/1.1 431 ")
 
 
 def test_garbage_and_wrong_content_length(guarded_server: Server) -> None:
@@ -389,7 +384,7 @@ def test_garbage_and_wrong_content_length(guarded_server: Server) -> None:
     for raw in cases:
         with socket.create_connection(("127.0.0.1", guarded_server.port)) as s:
             s.sendall(raw)
-            data = _read_until_closed(s, 10)
+            data = read_until_closed(s, 10)
         statuses = re.findall(rb"^HTTP/1.1 (\d{3}) ", data, re.MULTILINE)
         assert statuses, (raw[:60], data[:200])
         assert all(400 <= int(st) < 500 for st in statuses), (raw[:60], data[:300])
@@ -741,7 +736,7 @@ def test_hostile_requests_get_a_4xx_that_leaks_nothing(
 def test_no_path_escapes_the_static_assets(default_server: Server, path: str) -> None:
     with socket.create_connection(("127.0.0.1", default_server.port)) as s:  # raw: no client-side normalising
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        data = _read_until_closed(s, 10)
+        data = read_until_closed(s, 10)
     assert data.startswith(b"HTTP/1.1 404 "), data[:200]
     assert b"root:" not in data
     assert b"import " not in data
