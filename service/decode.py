@@ -2,9 +2,15 @@
 
 A decoder returns uint8 (0-255, scaled by the engine thread) or float32 in [0, 1]. ONNX Runtime accepts some
 wrong shapes silently, so it is never the validator: every decoder checks shape, type, count, finiteness and
-range here and raises an error naming what was wrong. JSON is decoded by typed msgspec decoders whose length
-limits stop a hostile body while it is being read (a million empty images are refused at image 4,097, not
-built first), and which refuse strings, booleans and objects where pixels belong.
+range here and raises an error naming what was wrong. JSON pixels take one of two paths:
+
+- the plain forms (an object whose only key is ``image``/``images``, holding flat images of ``features``
+  numbers or ``rows`` lists of ``cols``) are parsed by simdjson straight into a float64 buffer, with no Python
+  object per number (3x less CPU for one image, and a 1,024-image batch without 800,000 Python floats);
+- anything else, or anything simdjson refuses, goes to typed msgspec decoders, which are the authority on what
+  is wrong: their length limits stop a hostile body while it is being read (a million empty images are refused
+  at image 4,097, not built first), and they refuse strings, booleans and objects where pixels belong. The fast
+  path accepts only bodies those decoders accept, with the same numbers (a test holds both to it).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Annotated, Any
 
 import msgspec
 import numpy as np
+import simdjson
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.errors import InvalidInput, MalformedBody, PayloadTooLarge, ServiceError, UnsupportedMediaType
@@ -91,6 +98,45 @@ def _typed(decoder: msgspec.json.Decoder[Any], body: bytes, field: str, max_imag
         raise MalformedBody("malformed JSON: nested too deeply", code="malformed_json") from None
 
 
+def fast_json(body: bytes, field: str, shape: Shape) -> np.ndarray | None:
+    """The plain forms -> (N, features) float32 via simdjson, or None: not a plain form, let msgspec decide.
+
+    Every ``[`` in such a body opens an array (its only key holds no bracket, and strings are refused where
+    numbers belong), so counting them proves the nesting: with ``n`` top-level items, ``n + 1`` brackets means
+    flat items, ``rows * n + n + 1`` means items of ``rows`` flat rows."""
+    try:
+        doc = simdjson.Parser().parse(body)
+        if not isinstance(doc, simdjson.Object) or len(doc) != 1 or field not in doc:
+            return None
+        items = doc[field]
+        if not isinstance(items, simdjson.Array):
+            return None
+        brackets, n = body.count(b"["), len(items)
+        loose: Any = items  # its items may be numbers: len() raises TypeError, caught below
+        if field == "image":  # one image: rows are its items
+            if (n, brackets) == (shape.features, 1):
+                pass
+            elif (n, brackets) != (shape.rows, shape.rows + 1) or any(len(r) != shape.cols for r in loose):
+                return None
+            n = 1
+        elif not 0 < n <= shape.max_images:
+            return None
+        elif brackets == n + 1:
+            if any(len(image) != shape.features for image in loose):
+                return None
+        elif brackets != (shape.rows + 1) * n + 1 or any(
+            len(image) != shape.rows or any(len(r) != shape.cols for r in image) for image in loose
+        ):
+            return None
+        flat = np.frombuffer(items.as_buffer(of_type="d"), dtype=np.float64)
+    except Exception:  # simdjson refuses it (malformed, a string or boolean, a huge integer): msgspec says why
+        return None
+    if flat.size != n * shape.features:
+        return None
+    with np.errstate(over="ignore"):  # a number beyond float32 becomes inf: check_range names it
+        return flat.astype(np.float32).reshape(n, shape.features)
+
+
 def _json_image(image: list[Any], shape: Shape, what: str) -> np.ndarray:
     """A flat list of ``features`` numbers or ``rows`` lists of ``cols`` -> (features,) float32."""
     try:
@@ -126,22 +172,33 @@ def check_count(n: int, max_images: int) -> None:
         raise PayloadTooLarge(f"{n} images in one request; the limit is {max_images}")
 
 
-def json_one(body: bytes, _ct: str, shape: Shape) -> np.ndarray:
-    """``{"image": [...]}`` -> (1, features) float32."""
+def strict_one(body: bytes, shape: Shape) -> np.ndarray:
+    """msgspec's reading of ``{"image": [...]}`` -> (1, features) float32, range not checked yet."""
     one, _ = _json_decoders(shape.features, shape.rows, shape.cols, shape.max_images)
-    image = _typed(one, body, "image", shape.max_images)
-    return check_range(_json_image(image, shape, '"image"').reshape(1, -1), '"image"')
+    return _json_image(_typed(one, body, "image", shape.max_images), shape, '"image"').reshape(1, -1)
 
 
-def json_many(body: bytes, _ct: str, shape: Shape) -> np.ndarray:
-    """``{"images": [[...], ...]}`` -> (N, features) float32."""
+def strict_many(body: bytes, shape: Shape) -> np.ndarray:
+    """msgspec's reading of ``{"images": [[...], ...]}`` -> (N, features) float32, range not checked yet."""
     _, many = _json_decoders(shape.features, shape.rows, shape.cols, shape.max_images)
     images = _typed(many, body, "images", shape.max_images)
     check_count(len(images), shape.max_images)
     out = np.empty((len(images), shape.features), dtype=np.float32)
     for i, image in enumerate(images):
         out[i] = _json_image(image, shape, f'"images"[{i}]')
-    return check_range(out, '"images"')
+    return out
+
+
+def json_one(body: bytes, _ct: str, shape: Shape) -> np.ndarray:
+    """``{"image": [...]}`` -> (1, features) float32."""
+    fast = fast_json(body, "image", shape)
+    return check_range(strict_one(body, shape) if fast is None else fast, '"image"')
+
+
+def json_many(body: bytes, _ct: str, shape: Shape) -> np.ndarray:
+    """``{"images": [[...], ...]}`` -> (N, features) float32."""
+    fast = fast_json(body, "images", shape)
+    return check_range(strict_many(body, shape) if fast is None else fast, '"images"')
 
 
 # ---------------------------------------------------------------------------------------------- binary

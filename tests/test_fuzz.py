@@ -215,6 +215,62 @@ def test_json_decoders_on_nearly_valid_images(img: Any, copies: int) -> None:
         assert many.shape[0] == copies
 
 
+def agree(body: bytes) -> None:
+    """simdjson's fast path takes a body only if msgspec's strict decoders accept it, with the same numbers."""
+    for field, strict in (("image", decode.strict_one), ("images", decode.strict_many)):
+        fast = decode.fast_json(body, field, SHAPE)
+        if fast is not None:
+            assert fast.dtype == np.float32
+            assert np.array_equal(fast, strict(body, SHAPE)), body[:200]  # strict raising fails the test too
+
+
+@FUZZ
+@given(json_values)
+def test_the_fast_json_path_takes_only_what_the_strict_decoders_accept(doc: Any) -> None:
+    agree(dumps(doc))
+    agree(dumps({"image": doc}))
+    agree(dumps({"images": doc}))
+
+
+@settings(FUZZ, max_examples=150)
+@given(near_images(), st.integers(0, 3), st.booleans())
+def test_the_fast_json_path_agrees_on_nearly_valid_images(img: Any, copies: int, extra_key: bool) -> None:
+    one, many = {"image": img}, {"images": [img] * copies}
+    if extra_key:  # an unknown field: msgspec ignores it, the fast path leaves such bodies to msgspec
+        one["note"] = many["note"] = "[x]"
+    agree(dumps(one))
+    agree(dumps(many))
+
+
+def test_the_plain_forms_take_the_fast_path_and_mixed_ones_do_not() -> None:
+    rng = np.random.default_rng(0)
+    flat = [float(v) for v in rng.random(FEATURES)]
+    rows = [flat[r * 28 : (r + 1) * 28] for r in range(28)]
+    for body, field in [
+        (dumps({"image": flat}), "image"),
+        (dumps({"image": rows}), "image"),
+        (dumps({"images": [flat, flat, flat]}), "images"),
+        (dumps({"images": [rows, rows]}), "images"),
+        (dumps({"images": [[int(v > 0.5) for v in flat]]}), "images"),  # integers 0 and 1 are pixels too
+    ]:
+        fast = decode.fast_json(body, field, SHAPE)
+        assert fast is not None, body[:80]
+        assert np.array_equal(
+            fast, decode.strict_one(body, SHAPE) if field == "image" else decode.strict_many(body, SHAPE)
+        )
+    for body, field in [
+        (dumps({"images": [flat, rows]}), "images"),  # flat and nested in one batch: valid, left to msgspec
+        (dumps({"image": flat, "model": "x"}), "image"),  # another field
+        (dumps({"image": [*flat[:-1], True]}), "image"),  # a boolean
+        (dumps({"image": [*flat[:-1], "0.5"]}), "image"),  # a string
+        (dumps({"image": [*rows[:-1], [*rows[-1][:27], [0.5]]]}), "image"),  # a row holding a list
+        (dumps({"images": [flat] * (MAX_IMAGES + 1)}), "images"),  # over the limit: msgspec answers 413
+        (b'{"image": [' + b",".join([b"0.5"] * 783) + b", 18446744073709551616]}", "image"),  # beyond int64
+    ]:
+        assert decode.fast_json(body, field, SHAPE) is None, body[:80]
+    assert decode.strict_many(dumps({"images": [flat, rows]}), SHAPE).shape == (2, FEATURES)
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -236,6 +292,7 @@ def test_json_decoders_on_nearly_valid_images(img: Any, copies: int) -> None:
 def test_hostile_json(body: bytes) -> None:
     check(lambda: decode_json_image(body))
     check(lambda: decode_json_images(body))
+    agree(body)
 
 
 # ---------------------------------------------------------------------------------------------- PNG
