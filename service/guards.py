@@ -1,15 +1,12 @@
 """HTTP-level guards uvicorn lacks, and the in-flight limits.
 
-uvicorn's httptools protocol (0.54) sets no limit on the size of the request headers (one client streaming an
-endless header grows the process by as much as it sends: httptools buffers a header name or value until its
-CRLF and calls back only then), no timer before the first response (a connection that sends nothing, or a
-header a byte a second, is held forever), no body limit and no body timer. ``guarded_protocol`` returns a
-subclass that closes these holes and answers in the service's JSON error shape, every answer closing the
-connection:
+uvicorn's httptools protocol (0.54) sets no limit on the size of the request headers (httptools buffers a
+header name or value until its CRLF), no timer before the first response (a silent connection is held forever),
+no body limit and no body timer. ``guarded_protocol`` returns a subclass that closes these holes and answers in
+the service's JSON error shape, every answer closing the connection:
 
-- 431 ``headers_too_large`` when the request line plus headers exceed ``max_header_bytes``: counted twice,
-  from the parser's callbacks and from the bytes received while the headers are incomplete (whatever the
-  parser buffers without calling back);
+- 431 ``headers_too_large`` when the request line plus headers exceed ``max_header_bytes``: counted from the
+  parser's callbacks and from the bytes received while the headers are incomplete (what the parser buffers);
 - 408 ``header_timeout`` when a connection has not sent complete headers ``header_timeout_s`` after it
   opened (or after its previous request began);
 - 413 ``payload_too_large`` when a declared ``Content-Length`` exceeds ``max_body_bytes`` (before any of the
@@ -17,19 +14,21 @@ connection:
 - 501 ``unsupported_transfer_encoding`` for any transfer coding but ``chunked``; 400
   ``invalid_transfer_encoding`` for ``Transfer-Encoding`` on HTTP/1.0 (RFC 9112, 6.1) or an empty coding;
 - 400 ``body_timeout`` when the body has not fully arrived ``body_timeout_s`` after the headers and no
-  response has started (the connection is closed either way).
-
-``InflightLimit`` (pure ASGI, outermost: service/inflight.py) bounds the inference requests processed at once and
-the request body bytes in flight.
+  response has started (the connection is closed either way);
+- 503 ``too_many_requests`` from the ``gate`` (``InflightLimit``, service/inflight.py), decided from the headers
+  (no ASGI task, no body parsed) and held ``refusal_delay_s`` (the ``Retry-After``) with reading paused, for
+  up to ``MAX_HELD_REFUSALS`` connections (beyond: at once): a client retrying at once then retries once per
+  delay per connection, not as fast as the event loop can refuse (which starved ``/healthz``: reliability.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 import uuid
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import httptools
 import orjson
@@ -38,6 +37,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 log = logging.getLogger("service.guards")
 
 MiB = 1024 * 1024
+Headers = list[tuple[bytes, bytes]]
+MAX_HELD_REFUSALS = 256  # refused connections held at once (an fd and ~10 KiB each); beyond, refused at once
 _SAFE_ID = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
@@ -47,6 +48,13 @@ class HttpLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
     max_body_bytes: int = 16 * MiB
+    refusal_delay_s: float = 1.0
+
+
+class Gate(Protocol):
+    """Admission from the headers (``InflightLimit``): a 503's headers and body, or None to go on."""
+
+    def early_refusal(self, method: str, path: str, headers: Headers) -> tuple[Headers, bytes] | None: ...
 
 
 class _Refused(Exception):
@@ -59,13 +67,7 @@ def error_response(status: int, code: str, message: str, request_id: str | None 
     error = message if v2 else {"code": code, "message": message, "request_id": request_id}
     body = orjson.dumps({"error": error})
     rid = b"x-request-id: " + request_id.encode() + b"\r\n" if request_id else b""
-    head = (
-        b"content-type: application/json\r\ncontent-length: "
-        + str(len(body)).encode()
-        + b"\r\n"
-        + rid
-        + b"connection: close\r\n\r\n"
-    )
+    head = b"content-type: application/json\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n" % (len(body), rid)
     return STATUS_LINE[status] + head + body
 
 
@@ -81,6 +83,8 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     limits: ClassVar[HttpLimits] = HttpLimits()
+    gate: ClassVar[Gate | None] = None
+    held: ClassVar[int] = 0  # refusals being held, this server's
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -90,16 +94,29 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._events = 0  # headers-complete / message-complete events: a chunk with one is not all headers
         self._body_bytes = 0
         self._refusal: tuple[int, str, str, str | None, bool] | None = None
+        self._early: bytes | None = None  # the gate's 503, a complete response
+        self._held = False
         self._read_timer: asyncio.TimerHandle | None = None
         self._arm(self.limits.header_timeout_s, self._header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._unhold()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         events = self._events
-        super().data_received(data)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self._early is None and self._refusal is None:  # ours are logged at info where decided, or not
+                self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+            return
+        except httptools.HttpParserUpgrade:  # as uvicorn does
+            self.handle_websocket_upgrade() if self._should_upgrade() else self._unsupported_upgrade_warning()
+            return
         if self._in_head and self._events == events and not self.transport.is_closing():
             # No event in this chunk: all of it belongs to headers still incomplete. httptools keeps a header
             # name or value without its CRLF in its own buffer, so the callbacks alone cannot see it grow.
@@ -141,6 +158,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._answer(400, "body_timeout", f"the body did not arrive within {limit:g} s", rid, self._v2_path())
 
     # -------------------------------------------------------------- answering
+    def _hold_refusal(self) -> None:
+        if self.limits.refusal_delay_s <= 0 or type(self).held >= MAX_HELD_REFUSALS:
+            return self._write_refusal()
+        type(self).held += 1
+        self._held = True
+        self.transport.pause_reading()
+        self._arm(self.limits.refusal_delay_s, self._write_refusal)
+
+    def _unhold(self) -> None:
+        if self._held:
+            self._held, type(self).held = False, type(self).held - 1
+
+    def _write_refusal(self) -> None:
+        self._disarm()
+        self._unhold()
+        if self._early is not None and not self.transport.is_closing():
+            self.transport.write(self._early)
+            self.transport.close()
+
     def _answer(self, status: int, code: str, message: str, request_id: str | None, v2: bool = False) -> None:
         """Write one error response and close, unless a response is already on its way (then only close).
 
@@ -180,6 +216,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn calls this for any parser error; answer in the service's JSON shape (ours when refused)."""
+        if self._early is not None:
+            return self._hold_refusal()
         refusal = self._refusal or (400, "malformed_http", "the request is not valid HTTP/1.1", None, False)
         self._answer(*refusal)
 
@@ -209,8 +247,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._body_bytes = 0
         self._check_framing()
+        self._admit()
         self._arm(self.limits.body_timeout_s, self._body_timeout)
         super().on_headers_complete()
+
+    def _admit(self) -> None:
+        """The gate's refusal stops parsing here: no request cycle, no ASGI task, no body copied. Not while an
+        earlier request on this connection is being answered (pipelining): that one's response goes first."""
+        if self.gate is None or (self.cycle is not None and not self.cycle.response_complete):
+            return
+        try:
+            path = httptools.parse_url(self.url).path.decode("ascii")
+        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+            return  # uvicorn answers it
+        refusal = self.gate.early_refusal(self.parser.get_method().decode("ascii"),
+                                          urllib.parse.unquote(path) if "%" in path else path, self.headers)  # fmt: skip
+        if refusal is not None:
+            headers, body = refusal
+            lines = b"".join(n + b": " + v + b"\r\n" for n, v in [*self.server_state.default_headers, *headers])
+            self._early = STATUS_LINE[503] + lines + b"\r\n" + body
+            raise _Refused
 
     def _check_framing(self) -> None:
         """Transfer codings and the declared body size, before the request reaches the app."""
@@ -262,11 +318,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
 
 
-def guarded_protocol(limits: HttpLimits) -> type[GuardedHttpToolsProtocol]:
-    """The protocol class to pass as ``uvicorn.Config(http=...)``, bound to ``limits``."""
+def guarded_protocol(limits: HttpLimits, gate: Gate | None = None) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class to pass as ``uvicorn.Config(http=...)``, bound to ``limits`` and ``gate``."""
 
     class Bound(GuardedHttpToolsProtocol):
         pass
 
     Bound.limits = limits
+    Bound.gate = gate
+    Bound.held = 0
     return Bound

@@ -22,8 +22,11 @@ log = logging.getLogger("service.inflight")
 
 
 def is_inference(scope: Scope) -> bool:
-    path: str = scope["path"]
-    return scope["method"] == "POST" and (path.startswith("/v1/predict") or path.endswith("/infer"))
+    return _inference(scope["method"], scope["path"])
+
+
+def _inference(method: str, path: str) -> bool:
+    return method == "POST" and (path.startswith("/v1/predict") or path.endswith("/infer"))
 
 
 def _load_malloc_trim() -> Callable[[], int] | None:
@@ -40,6 +43,9 @@ def _load_malloc_trim() -> Callable[[], int] | None:
 
 _MALLOC_TRIM = _load_malloc_trim()
 
+
+#: A prebuilt refusal: its headers and body (the status is 503).
+Refusal = tuple[list[tuple[bytes, bytes]], bytes]
 
 #: What decoding a body costs in memory, per byte, relative to a binary batch (measured, docs/reliability.md):
 #: a JSON batch about 10 times its size at peak (Python objects per number), a ``.npy`` batch 2 to 6 times.
@@ -78,11 +84,13 @@ class InflightLimit:
       and their decoded arrays hold at once grows with it, not with the number of connections. A request
       alone is always admitted (``max_body_bytes`` bounds it).
 
-    The checks happen when the request starts, before any routing or body read, and the refusal is a
-    prebuilt response: under overload a refusal must cost far less than the work it sheds, or the refusals
-    alone fill the CPU (measured in docs/reliability.md). The refusal closes the connection: a client
-    retrying at once must reconnect (which slows a retry storm), and behind an L4 balancer (a Kubernetes
-    Service) the new connection may land on another replica. Requests without a body (health, readiness,
+    The checks happen as soon as the request's headers are in (the connection guard asks ``early_refusal``,
+    service/guards.py), before any ASGI task, routing or body read, and again when it reaches this layer; the
+    refusal is a prebuilt response: under overload a refusal must cost far less than the work it sheds, or
+    the refusals alone fill the CPU (measured in docs/reliability.md). The guard holds it ``refusal_delay_s``
+    (the ``Retry-After``), reading paused, so a client retrying at once cannot make the event loop refuse as
+    fast as it can. The refusal closes the connection: a retrying client must reconnect, and behind an L4
+    balancer (a Kubernetes Service) the new connection may land on another replica. Requests without a body (health, readiness,
     metrics, metadata) are never limited, so probes keep working under overload.
 
     When no body is in flight any more and at least ``trim_after_bytes`` of bodies went through since the
@@ -120,7 +128,7 @@ class InflightLimit:
         )
 
     @staticmethod
-    def _refusal(message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    def _refusal(message: str) -> Refusal:
         body = orjson.dumps({"error": {"code": "too_many_requests", "request_id": None, "message": message}})
         headers = [
             (b"content-type", b"application/json"),
@@ -130,7 +138,24 @@ class InflightLimit:
         ]
         return headers, body
 
-    async def _refuse(self, send: Send, refusal: tuple[list[tuple[bytes, bytes]], bytes]) -> None:
+    def _refusal_for(self, method: str, path: str, cost: int) -> Refusal | None:
+        if _inference(method, path) and self.processing >= self.limit:
+            return self._refusal_requests
+        if cost and self.body_bytes and self.body_bytes + cost > self.max_body_bytes_in_flight:
+            return self._refusal_bytes
+        return None
+
+    def early_refusal(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> Refusal | None:
+        """The refusal a request would get now, asked by the connection guard as soon as its headers are in
+        (service/guards.py): refused there, it costs no ASGI task and none of its body is parsed or copied
+        (under a flood of large bodies, that is most of what a refusal costs the event loop). Counted as a
+        refusal; None when it would be admitted (``__call__`` then checks again and reserves)."""
+        refusal = self._refusal_for(method, path, body_cost({"headers": headers}, self.max_body_bytes))
+        if refusal is not None and self.on_refuse is not None:
+            self.on_refuse()
+        return refusal
+
+    async def _refuse(self, send: Send, refusal: Refusal) -> None:
         if self.on_refuse is not None:
             self.on_refuse()
         await send({"type": "http.response.start", "status": 503, "headers": refusal[0]})
@@ -145,11 +170,9 @@ class InflightLimit:
         if not cost and not inference:
             await self.app(scope, receive, send)
             return
-        if inference and self.processing >= self.limit:
-            await self._refuse(send, self._refusal_requests)
-            return
-        if cost and self.body_bytes and self.body_bytes + cost > self.max_body_bytes_in_flight:
-            await self._refuse(send, self._refusal_bytes)
+        refusal = self._refusal_for(scope["method"], scope["path"], cost)
+        if refusal is not None:
+            await self._refuse(send, refusal)
             return
         self.body_bytes += cost
         counted = False

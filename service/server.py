@@ -23,7 +23,6 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
-from starlette.types import ASGIApp
 
 from service import logs
 from service.app import create_app
@@ -97,7 +96,7 @@ def build_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
         body_timeout_s=settings.body_timeout_s,  # the protocol answers 400 body_timeout, whatever the route
         max_body_bytes=settings.max_body_bytes,
     )
-    asgi: ASGIApp = InflightLimit(  # a request limit of 0 means none; the body budget always applies
+    inflight = InflightLimit(  # a request limit of 0 means none; the body budget always applies
         app,
         settings.max_inflight_requests,
         on_refuse=_count_refusal(app),
@@ -105,11 +104,11 @@ def build_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
         max_body_bytes_in_flight=settings.max_inflight_body_bytes,
     )
     return uvicorn.Config(
-        asgi,
+        inflight,
         host=settings.host,
         port=settings.port,
         loop=settings.event_loop,
-        http=guarded_protocol(limits),
+        http=guarded_protocol(limits, inflight),  # refusals from the headers, before any ASGI task
         lifespan="on",
         log_config=None,
         access_log=False,

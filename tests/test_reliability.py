@@ -250,8 +250,8 @@ def test_overload_sheds_load_and_recovers(tiny_repo: Path, tmp_path: Path) -> No
 
 
 def test_inflight_limit_refuses_at_once_and_spares_probes(tiny_repo: Path, tmp_path: Path) -> None:
-    """With the only inference slot taken, inference is refused at once (503, Retry-After, error shape) while
-    health, readiness and metrics still answer; a body still uploading holds no slot."""
+    """With the only inference slot taken, inference is refused without waiting for a slot (503, Retry-After,
+    error shape) while health, readiness and metrics still answer; a body still uploading holds no slot."""
     engine = Engine(tmp_path / "engine")
     srv = start_server(tiny_repo, tmp_path, "--max-inflight-requests", "1", "--max-batch-size", "1",
                        "--bulk-chunk-images", "1", launcher=engine.launcher())  # fmt: skip
@@ -279,6 +279,44 @@ def test_inflight_limit_refuses_at_once_and_spares_probes(tiny_repo: Path, tmp_p
     finally:
         engine.release()
         assert_clean_shutdown(srv)
+
+
+def test_a_refusal_is_decided_from_the_headers_and_held_for_retry_after(tiny_repo: Path, tmp_path: Path) -> None:
+    """With the only inference slot taken, a request whose body has not arrived is refused from its headers,
+    its 503 held for the ``Retry-After`` second (default ``refusal_delay_s``) with the connection's reading
+    paused: a client retrying at once cannot make the event loop refuse as fast as it can. Probes are answered
+    meanwhile, the refusal is counted, and uvicorn logs no "Invalid HTTP request" warning for it."""
+    engine = Engine(tmp_path / "engine")
+    srv = start_server(tiny_repo, tmp_path, "--max-inflight-requests", "1", "--max-batch-size", "1",
+                       "--bulk-chunk-images", "1", launcher=engine.launcher())  # fmt: skip
+    try:
+        raw = np.random.default_rng(0).integers(0, 256, (8, 784), dtype=np.uint8).tobytes()
+        with ThreadPoolExecutor(1) as pool, engine.holding():
+            bulk = pool.submit(httpx.post, f"{srv.url}/v1/predict/batch", content=raw, timeout=120,
+                               headers={"content-type": "application/octet-stream"})  # fmt: skip
+            wait_until(lambda: engine.in_progress() >= 1, what="the bulk request held in the engine")
+            with socket.create_connection(("127.0.0.1", srv.port)) as s:
+                start = time.perf_counter()
+                s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100000\r\n\r\n{")  # fmt: skip
+                health = httpx.get(f"{srv.url}/healthz", timeout=10).status_code
+                probed_s = time.perf_counter() - start
+                data = read_until_closed(s, 30)
+                refused_s = time.perf_counter() - start
+            assert not bulk.done()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 "), data[:200]
+        assert b"\r\nretry-after: 1\r\n" in head.lower()
+        assert json.loads(body)["error"]["code"] == "too_many_requests"
+        assert health == 200
+        assert probed_s < refused_s, (probed_s, refused_s)  # the probe did not wait for the held refusal
+        assert refused_s >= 0.9, refused_s  # held (a lower bound: a slow machine only makes it longer)
+        assert metric(srv, "mnist_requests_dropped_total", 'reason="too_many_requests"') >= 1
+        assert bulk.result().status_code == 200
+    finally:
+        engine.release()
+        assert_clean_shutdown(srv)
+    assert "Invalid HTTP request" not in srv.logs()
 
 
 # ---------------------------------------------------------------------------------------------- slow clients
