@@ -1,8 +1,9 @@
 """Feedback: remembered predictions, scored against the true labels clients report later.
 
-Every prediction gets a server-issued id (128 random bits): unguessable, unrelated to the caller's
-``X-Request-ID`` (which is only echoed), so one client cannot score or pre-empt another's predictions. The
-labels answered are kept as uint8 bytes in a store bounded by bytes (oldest first out). Feedback is rate limited
+Every prediction gets a server-issued id (a slot number and 128 random bits): unguessable, unrelated to the
+caller's ``X-Request-ID`` (which is only echoed), so one client cannot score or pre-empt another's predictions.
+The labels answered are kept as uint8 in a fixed-size ring (``Remembered``): no Python object per prediction,
+29 bytes for a single-image one, oldest first out. Feedback is rate limited
 per client (a token bucket per source address) and may be restricted to holders of a token (the transport checks
 it). The rolling accuracy reports how many samples and how many distinct sources it rests on, so alerts can
 demand a quorum (docs/observability.md).
@@ -11,7 +12,9 @@ demand a quorum (docs/observability.md).
 from __future__ import annotations
 
 import base64
+import hmac
 import secrets
+import struct
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -24,33 +27,81 @@ from prometheus_client.registry import Collector
 from service.errors import TooManyRequests
 
 OUTCOMES = ("correct", "incorrect", "duplicate", "unknown_request", "rate_limited")
-#: Bookkeeping bytes of one remembered prediction besides its labels (dict entry, key string, bytes object).
-ENTRY_OVERHEAD = 200
+#: Bytes of one remembered prediction besides its labels: a 16-byte tag, an 8-byte offset, a 4-byte length.
+SLOT_BYTES = 28
+#: The memory bound buys one slot per this many bytes; the rest holds labels (a single image needs 1 byte).
+BYTES_PER_SLOT = 64
 #: Most clients tracked by the rate limiter; the least recently seen is forgotten beyond it.
 MAX_CLIENTS = 10_000
 
 
-class PredictionIds:
-    """128-bit random ids from the OS's CSPRNG, drawn 256 at a time (one system call per 256 predictions)."""
+class Remembered:
+    """The labels of recent predictions in two rings sized once from ``max_bytes``: slots (one per prediction:
+    its random tag, where its labels start, how many) and the labels themselves (uint8). A prediction id names
+    its slot and carries its tag; it is found while the slot still holds that tag and its labels have not been
+    overwritten. Remembering is O(1) and allocates nothing: memory never grows past the bound."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int) -> None:
+        self.slots = max(1, max_bytes // BYTES_PER_SLOT)
+        self.capacity = max(1, max_bytes - self.slots * SLOT_BYTES)  # label bytes
+        self._tags = np.zeros((self.slots, 16), np.uint8)
+        self._ends = np.zeros(self.slots, np.int64)  # absolute offset after its labels; 0 = empty (pages stay lazy)
+        self._lengths = np.zeros(self.slots, np.uint32)
+        self._labels = np.zeros(self.capacity, np.uint8)
+        self._next = 0  # predictions remembered so far
+        self._written = 0  # label bytes written so far
         self._pool = b""
         self._pos = 0
 
-    def __call__(self) -> str:
-        if self._pos >= len(self._pool):
+    @property
+    def used_bytes(self) -> int:
+        return min(self._next, self.slots) * SLOT_BYTES + min(self._written, self.capacity)
+
+    def _tag(self) -> bytes:
+        if self._pos >= len(self._pool):  # the OS's CSPRNG, 256 tags per system call
             self._pool, self._pos = secrets.token_bytes(16 * 256), 0
-        raw = self._pool[self._pos : self._pos + 16]
         self._pos += 16
-        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+        return self._pool[self._pos - 16 : self._pos]
+
+    def add(self, labels: np.ndarray) -> str:
+        slot = self._next % self.slots
+        self._next += 1
+        tag, n, start = self._tag(), len(labels), self._written
+        self._tags[slot] = np.frombuffer(tag, np.uint8)
+        self._lengths[slot] = n
+        if n > self.capacity:  # cannot be kept: the id is issued, feedback on it finds nothing
+            self._ends[slot] = 0
+        else:
+            self._ends[slot] = start + n
+            at = start % self.capacity
+            first = min(n, self.capacity - at)
+            self._labels[at : at + first] = labels[:first]
+            self._labels[: n - first] = labels[first:]
+            self._written += n
+        return base64.urlsafe_b64encode(struct.pack("<I", slot) + tag).rstrip(b"=").decode()
+
+    def get(self, prediction_id: str, index: int) -> int | None:
+        """The label answered for image ``index`` of that prediction; None if unknown or forgotten."""
+        try:
+            raw = base64.urlsafe_b64decode(prediction_id + "=" * (-len(prediction_id) % 4))
+        except ValueError:
+            return None
+        if len(raw) != 20:
+            return None
+        (slot,) = struct.unpack_from("<I", raw)
+        if slot >= self.slots or not hmac.compare_digest(self._tags[slot].tobytes(), raw[4:]):
+            return None
+        n = int(self._lengths[slot])
+        start = int(self._ends[slot]) - n
+        if self._ends[slot] == 0 or start < self._written - self.capacity or not 0 <= index < n:
+            return None
+        return int(self._labels[(start + index) % self.capacity])
 
 
 class Feedback(Collector):
     def __init__(self, window: int, max_bytes: int, rate_per_s: float) -> None:
         self._lock = threading.Lock()  # the collector reads from the scrape thread
-        self._new_id = PredictionIds()
-        self._predictions: OrderedDict[str, bytes] = OrderedDict()  # event loop only
-        self._bytes = 0
+        self._store = Remembered(max_bytes)  # event loop only
         self.max_bytes = max_bytes
         self._scored: OrderedDict[tuple[str, int], bool] = OrderedDict()
         self._window: deque[tuple[bool, str]] = deque(maxlen=window)
@@ -62,18 +113,11 @@ class Feedback(Collector):
 
     @property
     def remembered_bytes(self) -> int:
-        return self._bytes
+        return self._store.used_bytes
 
     def remember(self, labels: np.ndarray) -> str:
-        """Keep the labels answered (uint8) under a new prediction id; returns the id."""
-        pid = self._new_id()
-        data = labels.astype(np.uint8, copy=False).tobytes()
-        self._predictions[pid] = data
-        self._bytes += len(data) + ENTRY_OVERHEAD
-        while self._bytes > self.max_bytes and self._predictions:
-            _, old = self._predictions.popitem(last=False)
-            self._bytes -= len(old) + ENTRY_OVERHEAD
-        return pid
+        """Keep the labels answered (as uint8) under a new prediction id; returns the id."""
+        return self._store.add(labels)
 
     def _allow(self, source: str) -> bool:
         if self._rate <= 0:
@@ -102,13 +146,13 @@ class Feedback(Collector):
         if earlier is not None:
             self._count("duplicate")
             return earlier
-        labels = self._predictions.get(prediction_id)
-        if labels is None or not 0 <= index < len(labels):
+        answered = self._store.get(prediction_id, index)
+        if answered is None:
             self._count("unknown_request")
             return None
-        correct = labels[index] == true_label
+        correct = answered == true_label
         self._scored[key] = correct
-        if len(self._scored) * ENTRY_OVERHEAD > self.max_bytes:
+        if len(self._scored) > self._store.slots:
             self._scored.popitem(last=False)
         with self._lock:
             if len(self._window) == self._window.maxlen:
@@ -150,4 +194,4 @@ class Feedback(Collector):
             value=top / len(outcomes) if len(outcomes) else 0.0,
         )
         yield GaugeMetricFamily("mnist_feedback_remembered_bytes", "Bytes held by remembered predictions.",
-                                value=self._bytes)  # fmt: skip
+                                value=self._store.used_bytes)  # fmt: skip

@@ -111,7 +111,10 @@ class Settings(BaseSettings):
     )
     feedback_rate_per_s: float = Field(20.0, ge=0, description="Feedback calls per second per client (0 = no limit).")
     feedback_memory_bytes: int = Field(
-        32 * 1024 * 1024, ge=1024, description="Memory for remembered predictions that feedback can score."
+        8 * 1024 * 1024,
+        ge=1024,
+        description="Memory for remembered predictions that feedback can score: 64 bytes buys one prediction "
+        "(8 MiB: the last 131,072 predictions, fewer when batches hold many images).",
     )
     drift_window: int = Field(2000, ge=10, description="Recent images in the drift window.")
     dashboard_url: str = Field("http://127.0.0.1:3000", description="Grafana link shown on the demo page.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import itertools
 import math
@@ -15,7 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.errors import TooManyRequests
-from service.feedback import ENTRY_OVERHEAD, Feedback
+from service.feedback import BYTES_PER_SLOT, Feedback, Remembered
 from service.metrics import DROP_REASONS, LATENCY_BUCKETS, ROUTES, Metrics, NumpyHistogram
 from service.model import Model, load_model
 from service.quality import CONFIDENCE_BUCKETS, MAX_IMAGES_PER_REQUEST, MIN_DRIFT_SAMPLES, Quality, psi
@@ -278,7 +279,7 @@ def test_a_new_reference_restarts_the_window(tiny_model: Model) -> None:
 
 # ----------------------------------------------------------------------------------------- feedback
 def test_feedback_scores_remembered_predictions_once() -> None:
-    fb = Feedback(window=3, max_bytes=2 * (ENTRY_OVERHEAD + 3), rate_per_s=0)
+    fb = Feedback(window=3, max_bytes=2 * BYTES_PER_SLOT, rate_per_s=0)  # two slots
     a = fb.remember(np.array([7]))
     b = fb.remember(np.array([1, 2, 3]))
     assert a != b
@@ -303,6 +304,30 @@ def test_feedback_scores_remembered_predictions_once() -> None:
     assert s["mnist_production_accuracy_samples"][0][1] == 3
     assert s["mnist_feedback_sources"][0][1] == 3
     assert s["mnist_feedback_top_source_share"][0][1] == pytest.approx(1 / 3)
+
+
+def test_remembered_labels_are_bounded_and_ids_cannot_be_forged() -> None:
+    store = Remembered(64 * BYTES_PER_SLOT)  # 64 slots, 2,304 label bytes
+    assert store.used_bytes <= 64 * BYTES_PER_SLOT
+    ids = [store.add(np.full(1000, i % 10, np.uint8)) for i in range(3)]  # 3,000 labels: the ring wraps
+    assert store.get(ids[0], 0) is None  # its labels were overwritten
+    assert store.get(ids[1], 999) == 1
+    assert store.get(ids[2], 0) == 2
+    assert store.get(ids[1], 1000) is None  # no such image
+    assert store.get(store.add(np.zeros(5000, np.uint8)), 0) is None  # larger than the whole ring: never kept
+    assert store.get(ids[2], 0) == 2  # ... and it took nothing from the others
+    assert store.used_bytes <= 64 * BYTES_PER_SLOT
+    pid = store.add(np.array([7], np.uint8))
+    raw = bytearray(base64.urlsafe_b64decode(pid + "=="))
+    raw[-1] ^= 1  # the right slot with a tag one bit off
+    forged = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
+    for bad in [forged, "", "x", "é", pid[:-2], pid + "AAAA", "A" * 27, "_" * 64]:
+        assert store.get(bad, 0) is None, bad
+    assert store.get(pid, 0) == 7
+    for _ in range(64):  # every slot reused: the oldest id is forgotten, the newest found
+        last = store.add(np.array([3], np.uint8))
+    assert store.get(pid, 0) is None
+    assert store.get(last, 0) == 3
 
 
 def test_feedback_is_rate_limited_per_client() -> None:
