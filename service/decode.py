@@ -52,6 +52,7 @@ class Shape:
 Decoder = Callable[[bytes, str, Shape], np.ndarray]
 
 
+@functools.lru_cache(maxsize=256)  # a handful of distinct values in practice; bounded against the rest
 def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
