@@ -89,7 +89,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
     max_images_per_request: int = Field(4096, ge=1, description="Most images in one batch request.")
     max_json_bytes: int = Field(
-        8 * 1024 * 1024, ge=1024, description="Largest JSON body (413 above): JSON costs 18x the bytes of uint8."
+        2 * 1024 * 1024,
+        ge=1024,
+        description="Largest JSON body (413 above; about 400 digits): JSON carries an image in 6-18x the bytes of "
+        "uint8 and decoding it takes about 6.5x its size in memory at its peak; bulk belongs in .npy or raw uint8.",
     )
     max_png_pixels: int = Field(4096 * 4096, ge=784, description="Largest PNG (width*height) decoded.")
     grpc_max_message_bytes: int | None = Field(
