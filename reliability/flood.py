@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from reliability import serverproc
+from reliability import metrics, serverproc
 
 LUA = Path(__file__).resolve().parent / "wrk_post.lua"
 
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             pid = server.proc.pid
             base = proc_status(pid, "VmRSS")
+            before = metrics.scrape(server.url)
             probe = subprocess.Popen([sys.executable, "-c", PROBE, str(server.port), str(args.interval), "10"],
                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
             rounds: list[dict[str, Any]] = []
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 probe.terminate()
                 out, _ = probe.communicate(timeout=30)
             peak = proc_status(pid, "VmHWM")
+            dropped = dict(metrics.dropped(before, metrics.scrape(server.url)))
         finally:
             code = server.stop()
     records = [json.loads(line) for line in out.splitlines() if line.strip()]
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"flood: {args.rounds} x {args.duration:g} s, {args.connections} connections of 3.1 MiB .npy (wrk -t "
         f"{args.wrk_threads}{', on CPUs ' + args.wrk_cpus if args.wrk_cpus else ''}); statuses {[r['statuses'] for r in rounds]}; wrk p99 "
-        f"{[round(r['p99_us'] / 1000) for r in rounds]} ms",
+        f"{[round(r['p99_us'] / 1000) for r in rounds]} ms; refused by reason (the service's count) {dropped}",
         f"memory: RSS base {base:.0f} MiB, after each round {[round(a) for a in after]} MiB, VmHWM {peak:.0f} MiB",
         *probe_report(records),
         f"exit code after SIGTERM: {code}",

@@ -54,7 +54,7 @@ class HttpLimits:
 class Gate(Protocol):
     """Admission from the headers (``InflightLimit``): a 503's headers and body, or None to go on."""
 
-    def early_refusal(self, method: str, path: str, headers: Headers) -> tuple[Headers, bytes] | None: ...
+    def early_refusal(self, method: str, path: str, scope: Any) -> tuple[Headers, bytes] | None: ...
 
 
 class _Refused(Exception):
@@ -254,14 +254,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _admit(self) -> None:
         """The gate's refusal stops parsing here: no request cycle, no ASGI task, no body copied. Not while an
         earlier request on this connection is being answered (pipelining): that one's response goes first."""
-        if self.gate is None or (self.cycle is not None and not self.cycle.response_complete):
-            return
+        if self.gate is None or self.parser.should_upgrade() or (self.cycle and not self.cycle.response_complete):
+            return  # uvicorn starts no ASGI task for an upgrade: nothing would release a reservation
         try:
             path = httptools.parse_url(self.url).path.decode("ascii")
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
             return  # uvicorn answers it
         refusal = self.gate.early_refusal(self.parser.get_method().decode("ascii"),
-                                          urllib.parse.unquote(path) if "%" in path else path, self.headers)  # fmt: skip
+                                          urllib.parse.unquote(path) if "%" in path else path, self.scope)  # fmt: skip
         if refusal is not None:
             headers, body = refusal
             lines = b"".join(n + b": " + v + b"\r\n" for n, v in [*self.server_state.default_headers, *headers])

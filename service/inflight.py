@@ -46,6 +46,8 @@ _MALLOC_TRIM = _load_malloc_trim()
 
 #: A prebuilt refusal: its headers and body (the status is 503).
 Refusal = tuple[list[tuple[bytes, bytes]], bytes]
+#: The scope key where the connection guard leaves the body cost it reserved for an admitted request.
+RESERVED = "mnist.inflight_reserved"
 
 #: What decoding a body costs in memory, per byte, relative to a binary batch (measured, docs/reliability.md):
 #: a JSON batch about 10 times its size at peak (Python objects per number), a ``.npy`` batch 2 to 6 times.
@@ -145,14 +147,20 @@ class InflightLimit:
             return self._refusal_bytes
         return None
 
-    def early_refusal(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> Refusal | None:
-        """The refusal a request would get now, asked by the connection guard as soon as its headers are in
-        (service/guards.py): refused there, it costs no ASGI task and none of its body is parsed or copied
-        (under a flood of large bodies, that is most of what a refusal costs the event loop). Counted as a
-        refusal; None when it would be admitted (``__call__`` then checks again and reserves)."""
-        refusal = self._refusal_for(method, path, body_cost({"headers": headers}, self.max_body_bytes))
-        if refusal is not None and self.on_refuse is not None:
-            self.on_refuse()
+    def early_refusal(self, method: str, path: str, scope: Scope) -> Refusal | None:
+        """Admission decided by the connection guard as soon as a request's headers are in (service/guards.py;
+        ``scope`` is the request's, still without method and path): a refusal (counted) costs no ASGI task
+        and none of its body is parsed or copied. An admitted body's cost is reserved at once, marked in the
+        scope for ``__call__``: requests whose headers arrive in the same event-loop iteration are admitted
+        against each other, not all against the budget as it was before any of them started."""
+        cost = body_cost(scope, self.max_body_bytes)
+        refusal = self._refusal_for(method, path, cost)
+        if refusal is not None:
+            if self.on_refuse is not None:
+                self.on_refuse()
+        elif cost:
+            self.body_bytes += cost
+            scope[RESERVED] = cost
         return refusal
 
     async def _refuse(self, send: Send, refusal: Refusal) -> None:
@@ -165,16 +173,18 @@ class InflightLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        cost = body_cost(scope, self.max_body_bytes)
         inference = is_inference(scope)
-        if not cost and not inference:
-            await self.app(scope, receive, send)
-            return
-        refusal = self._refusal_for(scope["method"], scope["path"], cost)
-        if refusal is not None:
-            await self._refuse(send, refusal)
-            return
-        self.body_bytes += cost
+        cost: int | None = scope.pop(RESERVED, None)  # admitted (and reserved) by the connection guard
+        if cost is None:
+            cost = body_cost(scope, self.max_body_bytes)
+            if not cost and not inference:
+                await self.app(scope, receive, send)
+                return
+            refusal = self._refusal_for(scope["method"], scope["path"], cost)
+            if refusal is not None:
+                await self._refuse(send, refusal)
+                return
+            self.body_bytes += cost
         counted = False
 
         async def counting_receive() -> Message:

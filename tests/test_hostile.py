@@ -5,8 +5,8 @@ the answer must be a clear 4xx/5xx in the service's JSON shape (never a 500, nev
 peak resident memory (``VmHWM`` in ``/proc/<pid>/status``, read from a fresh server where the case needs its
 own peak) must stay far below the pod's limit (512 MiB in k8s/base/deployment.yaml). While abuse runs, a
 probe process keeps asking ``/healthz``: the assertion is that every probe is answered (none hangs for
-``PROBE_HANG_S``); the latencies measured, and how many exceeded the Kubernetes probe's 2 s timeout, are
-printed (``-s``) and recorded in docs/reliability.md, not asserted, since they depend on the machine (the
+``PROBE_HANG_S``); the latencies measured, and how many exceeded 100 ms and the Kubernetes probe's 2 s
+timeout, are printed (``-s``) and recorded in docs/reliability.md, not asserted, since they depend on the machine (the
 development machine's other jobs put its load average at 7-18 on 2 CPUs while these were measured).
 """
 
@@ -32,17 +32,26 @@ import httpx
 import numpy as np
 import pytest
 
+from service.settings import Settings
 from tests.helpers import ROOT, Server, read_until_closed, start_server
 
 MiB = 2**20
 POD_LIMIT_MIB = 512  # k8s/base/deployment.yaml resources.limits.memory
 BUDGET_MIB = 0.6 * POD_LIMIT_MIB  # peak RSS under the worst mix: 60% of the pod limit
 K8S_PROBE_TIMEOUT_S = 2.0  # k8s/base/deployment.yaml livenessProbe.timeoutSeconds
+PROBE_TARGET_MS = 100  # the liveness target (docs/reliability.md): reported, not asserted
 PROBE_HANG_S = 10.0  # a probe not answered within this is a failure (a stalled event loop), whatever the machine
 MAX_BODY = 16 * MiB  # the default max_body_bytes
 ADMIN_TOKEN = "hostile-admin-token"
 MODEL = "mnist-mlp"
 IMAGES = np.random.default_rng(7).integers(0, 256, (4096, 784), dtype=np.uint8)
+JSON_LIMIT = Settings.model_fields["max_json_bytes"].default
+
+
+def json_batch_under_the_limit() -> bytes:
+    """The largest JSON batch of 4-character numbers under the default JSON limit (each image 3,921 bytes)."""
+    image = b"[" + b",".join([b"0.25"] * 784) + b"]"
+    return b'{"images": [' + b",".join([image] * ((JSON_LIMIT - 16) // (len(image) + 1))) + b"]}"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -178,8 +187,10 @@ class Prober:
             return "no probe answered"
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
         slow = sum(v > K8S_PROBE_TIMEOUT_S * 1000 for v in lat)
+        over = sum(v > PROBE_TARGET_MS for v in lat)
         return (f"/healthz: {len(lat)} answered, {len(self.failures)} failed; p50 {statistics.median(lat):.1f} ms, "
-                f"p99 {p99:.1f} ms, max {lat[-1]:.1f} ms, {slow} over {K8S_PROBE_TIMEOUT_S:g} s")  # fmt: skip
+                f"p99 {p99:.1f} ms, max {lat[-1]:.1f} ms, {over} over {PROBE_TARGET_MS} ms, "
+                f"{slow} over {K8S_PROBE_TIMEOUT_S:g} s")  # fmt: skip
 
 
 def run_for(seconds: float, workers: list[Callable[[threading.Event], None]]) -> None:
@@ -717,7 +728,7 @@ def test_the_body_budget_weighs_json_by_what_it_costs(repo: Path, tmp_path: Path
     measured alone on a fresh server), or the budget would let JSON past the memory it is meant to bound."""
     from service.inflight import JSON_WEIGHT
 
-    json_body = b'{"images": [' + b",".join([b"[" + b",".join([b"0.25"] * 784) + b"]"] * 2000) + b"]}"
+    json_body = json_batch_under_the_limit()
     cost = {}
     for name, body, content_type in (
         ("json", json_body, "application/json"),
@@ -780,8 +791,7 @@ def test_the_worst_request_mix_stays_under_60_percent_of_the_pod_limit(repo: Pat
     npy_body = npy(IMAGES)
     v2_body, header_len = v2_binary_body(IMAGES)
     gz = gzip.compress(v2_body, 1)
-    # A JSON batch just under the JSON limit (8 MiB): 2,000 images of 4-character numbers (7.5 MiB).
-    json_batch = b'{"images": [' + b",".join([b"[" + b",".join([b"0.25"] * 784) + b"]"] * 2000) + b"]}"
+    json_batch = json_batch_under_the_limit()
 
     def endless_header(stop: threading.Event) -> None:
         while not stop.is_set():
