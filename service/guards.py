@@ -38,7 +38,7 @@ log = logging.getLogger("service.guards")
 
 MiB = 1024 * 1024
 Headers = list[tuple[bytes, bytes]]
-MAX_HELD_REFUSALS = 256  # refused connections held at once (an fd and ~10 KiB each); beyond, refused at once
+MAX_HELD_REFUSALS = 1024  # held at once (each an fd, ~10 KiB, its unread bytes in the kernel); beyond: at once
 _SAFE_ID = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
