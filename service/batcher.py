@@ -5,12 +5,13 @@ One consumer task owns two FIFO deques: interactive work (single images) and bul
 passed, and runs what is left as few engine calls as possible:
 
 - interactive work runs as one batch of up to ``max_batch_size`` images, one batch at a time, so later arrivals
-  join the next batch. When the engine is idle and the batch's measured cost is under ``inline_budget_s``, it
-  runs right here on the event loop (a thread hand-off costs more than a small batch); otherwise on the
-  interactive engine thread.
-- bulk chunks run on their own threads, up to ``bulk_parallel`` at once (every core) while no interactive work
-  waits or runs, one at a time otherwise, so a single image never queues behind a wall of bulk work. uint8
-  pixels are scaled to float32 on those threads, not on the event loop.
+  join the next batch; one measured to cost under ``inline_budget_s`` runs on the event loop, bulk work running
+  or not (a thread hand-off costs more, and the loop holds a core), others on the interactive engine thread.
+- bulk chunks run on their own threads (at a lower OS priority, service/engine.py), up to ``bulk_parallel`` at
+  once (default: one per core) while no interactive work waits or runs, one at a time otherwise: a single image
+  never queues behind bulk work, nor waits for a CPU behind it. A request is cut into chunks of
+  ``bulk_chunk_images``, or, when bulk threads are idle, into one chunk per idle thread (``min_split`` images or
+  more), so one request alone uses every core. uint8 is scaled to float32 on those threads, chunk by chunk.
 
 Deadlines are absolute (``loop.time()``); they are checked when a batch forms, and one timer, armed for the
 earliest deadline queued, answers 504 to callers whose deadline passes while they wait. Results reach callers
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.engine import BatchObserver, Computed, Engine, Item, Observations, Result, to_float
+from service.engine import BULK_NICE, BatchObserver, Computed, Engine, Item, Observations, Result, to_float
 from service.errors import ClientDisconnected, DeadlineExceeded, Draining, EngineError, Overloaded
 
 if TYPE_CHECKING:
@@ -42,35 +43,25 @@ log = logging.getLogger("service.batcher")
 
 
 class Batcher:
-    def __init__(
-        self,
-        *,
-        max_batch_size: int,
-        max_wait_s: float,
-        max_queue_images: int,
-        metrics: Metrics,
-        observer: BatchObserver | None = None,
-        bulk_chunk_images: int = 1024,
-        max_bulk_queue_images: int | None = None,
-        bulk_parallel: int = 2,
-        inline_budget_s: float = 100e-6,
-    ) -> None:
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
+    def __init__(self, *, max_batch_size: int, max_wait_s: float, max_queue_images: int, metrics: Metrics,
+                 observer: BatchObserver | None = None, bulk_chunk_images: int = 1024,
+                 max_bulk_queue_images: int | None = None, bulk_parallel: int = 0, inline_budget_s: float = 100e-6,
+                 bulk_nice: int = BULK_NICE) -> None:  # fmt: skip
+        self.max_batch_size, self.max_wait_s, self.inline_budget_s = max_batch_size, max_wait_s, inline_budget_s
         self.bulk_chunk_images = bulk_chunk_images
-        self.bulk_parallel = max(1, bulk_parallel)
-        self.inline_budget_s = inline_budget_s
+        self.min_split = 256  # the fewest images of a chunk cut to keep idle bulk threads busy
+        self.single_recent_s, self._single_at = 0.1, -1e9  # the last single image's arrival (loop.time())
         self._limits = (max_queue_images, max_bulk_queue_images or max_queue_images)
         self._metrics = metrics
         self._queues: tuple[deque[Item], deque[Item]] = (deque(), deque())  # interactive, bulk
         self._queued = [0, 0]
         self._running = [0, 0]  # engine calls in flight: interactive (0 or 1), bulk
-        self.engine = Engine(self.bulk_parallel)
+        self.engine = Engine(bulk_parallel, bulk_nice)  # bulk_parallel 0: one bulk thread per usable core
+        self.bulk_parallel = self.engine.bulk_parallel
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = float("inf")
-        self._accepting = True
+        self._timer_at, self._accepting = float("inf"), True
         self._sec_per_image = 2e-5  # for Retry-After and deadline admission (exponentially weighted)
         self.inline_max_s = 0.0  # the longest batch run on the event loop so far (the loop's worst stall)
         self._observations = Observations(self.engine, observer)
@@ -128,7 +119,9 @@ class Batcher:
         self._admit(n, bulk, budget_s)
         loop = asyncio.get_running_loop()
         now = loop.time()
-        step = self.bulk_chunk_images if bulk else n
+        step = self._chunk_images(self._queued[1] + n, now) if bulk else n
+        if not bulk:
+            self._single_at = now
         request = next(self._requests)
         items = [self._enqueue(loop, model, images[i : i + step], bulk, now, deadline, why, gone, request)
                  for i in range(0, n, step)]  # fmt: skip
@@ -149,6 +142,17 @@ class Batcher:
         probs = np.concatenate([r[0] for r in results])
         return probs, max(r[1] for r in results), sum(r[2] for r in results), max(r[3] for r in results)
 
+    def _bulk_threads(self, now: float) -> int:
+        """Bulk engine calls allowed at once: every bulk thread; one fewer while single images keep arriving
+        (one came in the last ``single_recent_s``: a core stays theirs); one while one waits or runs."""
+        waiting = self._queued[0] or self._running[0]
+        return 1 if waiting else max(1, self.bulk_parallel - (now - self._single_at < self.single_recent_s))
+
+    def _chunk_images(self, n: int, now: float) -> int:
+        """Images per bulk engine call while ``n`` wait: ``bulk_chunk_images``, or fewer to fill free threads."""
+        pieces = max(1, min(self._bulk_threads(now) - self._running[1], n // self.min_split))
+        return min(self.bulk_chunk_images, -(-n // pieces))
+
     def _admit(self, n: int, bulk: bool, budget_s: float | None) -> None:
         if not self._accepting:
             self._metrics.dropped["draining"].inc()
@@ -160,12 +164,9 @@ class Batcher:
                              retry_after_s=self.estimate_wait_s(0, bulk=bulk), code="queue_full")  # fmt: skip
         if budget_s is not None and (wait := self.estimate_wait_s(n, bulk=bulk)) > budget_s:
             self._metrics.dropped["deadline_unmeetable"].inc()
-            raise Overloaded(
-                f"cannot finish within the stated deadline ({budget_s * 1000:.0f} ms): "
-                f"about {wait * 1000:.0f} ms of work is queued",
-                retry_after_s=wait,
-                code="deadline_unmeetable",
-            )
+            raise Overloaded(f"cannot finish within the stated deadline ({budget_s * 1000:.0f} ms): "
+                             f"about {wait * 1000:.0f} ms of work is queued",
+                             retry_after_s=wait, code="deadline_unmeetable")  # fmt: skip
 
     def _enqueue(self, loop: asyncio.AbstractEventLoop, model: Model, images: np.ndarray, bulk: bool, now: float,
                  deadline: float, why: str, gone: Callable[[], bool] | None, request: int) -> Item:  # fmt: skip
@@ -253,15 +254,13 @@ class Batcher:
                 await asyncio.sleep(self.max_wait_s)
             batch = self._take(0, self.max_batch_size, loop.time())
             if batch:
-                n = sum(it.n for it in batch)
-                cost = self.engine.cost(batch[0].model, n)
-                if not self._running[1] and cost is not None and cost <= self.inline_budget_s:
+                cost = self.engine.cost(batch[0].model, sum(it.n for it in batch))
+                if cost is not None and cost <= self.inline_budget_s:
                     self._inline(loop, batch)
                 else:
                     self._launch(loop, 0, batch)
-        interactive = bool(self._queued[0] or self._running[0])
-        while self._queued[1] and self._running[1] < (1 if interactive else self.bulk_parallel):
-            batch = self._take(1, self.bulk_chunk_images, loop.time())
+        while self._queued[1] and self._running[1] < self._bulk_threads(now := loop.time()):
+            batch = self._take(1, self._chunk_images(self._queued[1], now), now)
             if not batch:
                 break
             self._launch(loop, 1, batch)
@@ -309,8 +308,7 @@ class Batcher:
         """Hand each caller its rows. ``started``: when the batch left the queue (``loop.time()``)."""
         n = x.shape[0]
         self._sec_per_image += 0.1 * (seconds / n - self._sec_per_image)
-        waits = []
-        row = 0
+        waits, row = [], 0
         for it in batch:
             queue_s = started - it.enqueued
             waits.append(queue_s)

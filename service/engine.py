@@ -1,19 +1,28 @@
 """The engine side of batching: the unit of work, float conversion, the engine threads and the measured cost.
 
 Two lanes of threads run ONNX Runtime calls: one thread for interactive batches (one call at a time, so later
-arrivals batch up behind it) and ``bulk_parallel`` threads for bulk chunks. uint8 pixels are scaled to float32
-on those threads, never on the event loop. ``calibrate`` times the engine per batch size at warm-up; a batch
-whose measured cost is under the inline budget may run on the event loop instead (service/batcher.py decides).
+arrivals batch up behind it) and ``bulk_parallel`` threads for bulk chunks (default: one per usable core).
+uint8 pixels are scaled to float32 on those threads, never on the event loop. The bulk threads run at a lower
+OS priority (``bulk_nice``): they may fill every core, yet the event loop and the interactive thread get a core
+the moment they have work. With one bulk thread per CPU the process may use, each bulk thread is pinned to its
+own CPU: otherwise the kernel, balancing CPUs by priority weight, often stacks both low-priority threads on one
+CPU while the other idles. ``calibrate`` times the engine per batch size at warm-up; a batch whose measured cost
+is under the inline budget may run on the event loop instead (service/batcher.py decides).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
+import os
+import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,6 +31,9 @@ if TYPE_CHECKING:
     from service.model import Model
 
 log = logging.getLogger("service.engine")
+
+#: How much nicer (lower priority, ``nice(1)``) than the process the bulk engine threads run by default.
+BULK_NICE = 19
 
 #: What a caller gets: its rows of the output, seconds queued, seconds of the engine call, images in that call.
 Result = tuple[np.ndarray, float, float, int]
@@ -62,11 +74,15 @@ def to_float(items: Sequence[Item]) -> np.ndarray:
 class Engine:
     """The engine threads (an interactive lane and a bulk lane) and the measured cost per batch size."""
 
-    def __init__(self, bulk_parallel: int) -> None:
+    def __init__(self, bulk_parallel: int = 0, bulk_nice: int = BULK_NICE) -> None:
+        self.bulk_parallel = bulk_parallel if bulk_parallel > 0 else usable_cores()
+        cpus = sorted(os.sched_getaffinity(0))
+        pins = iter(cpus if len(cpus) == self.bulk_parallel > 1 else [])  # one bulk thread per CPU: pinned
         self.pools = (
-            ThreadPoolExecutor(1, thread_name_prefix="engine"),
-            ThreadPoolExecutor(max(1, bulk_parallel), thread_name_prefix="engine-bulk"),
-        )
+            ThreadPoolExecutor(1, "engine", initializer=setup_thread, initargs=("engine", 0, iter([]))),
+            ThreadPoolExecutor(self.bulk_parallel, "engine-bulk", initializer=setup_thread,
+                               initargs=("engine-bulk", bulk_nice, pins)),
+        )  # fmt: skip
         # id(model) -> (weak reference to the model, batch size -> seconds): unloaded models are not kept alive
         self._costs: dict[int, tuple[weakref.ref[Model], dict[int, float]]] = {}
 
@@ -103,6 +119,32 @@ class Engine:
     def shutdown(self) -> None:
         for pool in self.pools:
             pool.shutdown(wait=True)
+
+
+def usable_cores() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (``cpu.max``, containers)."""
+    cores = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        group = Path("/proc/self/cgroup").read_text().split("\n", 1)[0].split("::", 1)[1]
+        quota, period = Path(f"/sys/fs/cgroup{group.rstrip('/')}/cpu.max").read_text().split()
+        cores = min(cores, max(1, -(-int(quota) // int(period))))  # "max 100000" (no quota): ValueError
+    return cores
+
+
+def setup_thread(name: str, nice: int, pins: Iterator[int]) -> None:
+    """Engine thread start: a native name (``top -H``, ``ps -L``), ``nice`` more niceness than the process
+    (Linux: per thread, capped at 19) and the next CPU of ``pins``, if any, as its only CPU. Where the system
+    refuses one of them, the thread runs without it."""
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    try:
+        if nice > 0:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        if (cpu := next(pins, None)) is not None:
+            os.sched_setaffinity(tid, {cpu})
+    except (OSError, AttributeError):
+        log.warning("could not set the priority or the CPU of an engine thread (%s)", name)
 
 
 def compute(batch: list[Item]) -> Computed:

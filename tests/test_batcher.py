@@ -4,6 +4,7 @@ queues up while a batch runs is decided by the test, never by timing luck."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from service.batcher import Batcher, Result
+from service.engine import Engine, usable_cores
 from service.errors import ClientDisconnected, DeadlineExceeded, Draining, EngineError, Overloaded
 from service.metrics import Metrics
 from service.model import Model, load_model
@@ -20,7 +22,8 @@ from service.settings import Settings
 
 
 class Gate:
-    """Wraps the real model's run: records each batch (and its thread), blocks while the gate is closed."""
+    """Wraps the real model's run: records each batch (and its thread), blocks while the gate is closed (only
+    batches of more than ``free_rows`` images: 0, every batch)."""
 
     def __init__(self, model: Model) -> None:
         self.real_run = model.run
@@ -30,6 +33,7 @@ class Gate:
         self.open = threading.Event()
         self.open.set()
         self.fail_next = False
+        self.free_rows = 0
         self.inside = 0
         self.most_inside = 0
         self._lock = threading.Lock()
@@ -42,7 +46,7 @@ class Gate:
             self.most_inside = max(self.most_inside, self.inside)
         self.entered.set()
         try:
-            assert self.open.wait(10), "test gate never opened"
+            assert len(x) <= self.free_rows or self.open.wait(10), "test gate never opened"
             if self.fail_next:
                 self.fail_next = False
                 raise RuntimeError("injected engine failure")
@@ -301,3 +305,110 @@ async def test_a_batch_measured_cheap_runs_inline_and_an_expensive_one_in_a_thre
         assert b.inline_max_s > 0
     finally:
         await b.stop()
+
+
+async def settle(b: Batcher, running: int) -> None:
+    """Let the dispatcher run until ``running`` bulk engine calls are in flight (state, not timing)."""
+    for _ in range(500):
+        if b._running[1] == running:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{b._running[1]} bulk engine calls in flight, expected {running}")
+
+
+async def test_a_bulk_request_alone_is_cut_across_the_idle_bulk_threads(model: Model, gate: Gate) -> None:
+    b = make_batcher(bulk_parallel=2, bulk_chunk_images=64)
+    b.min_split = 2
+    b.start()
+    try:
+        gate.open.clear()
+        alone = submit(b, model, images(8, 0.6), bulk=True)
+        await settle(b, 2)  # two chunks of 4, one per idle thread (not one chunk of 8: the limit is 64)
+        behind = submit(b, model, images(8, 0.7), bulk=True)  # every thread busy: one chunk
+        await asyncio.sleep(0.05)
+        gate.open.set()
+        await asyncio.gather(alone, behind)
+        assert sorted(len(x) for x in gate.batches) == [4, 4, 8]
+        assert gate.most_inside == 2
+    finally:
+        gate.open.set()
+        await b.stop()
+
+
+async def test_while_single_images_keep_arriving_bulk_leaves_them_a_core(model: Model, gate: Gate) -> None:
+    b = make_batcher(bulk_parallel=2, bulk_chunk_images=2)
+    b.start()
+    try:
+        b.single_recent_s = 1e9  # every single image counts as recent: one bulk call at a time
+        await submit(b, model, images(1, 0.4))
+        gate.open.clear()
+        bulk = submit(b, model, images(8, 0.6), bulk=True)
+        await settle(b, 1)
+        await asyncio.sleep(0.05)
+        assert b._running[1] == 1
+        b.single_recent_s = 0.0  # no single image lately: bulk may take every thread
+        b._wakeup.set()
+        await settle(b, 2)
+        gate.open.set()
+        probs, *_ = await bulk
+        assert probs.shape == (8, 10)
+    finally:
+        gate.open.set()
+        await b.stop()
+
+
+async def test_a_cheap_single_image_runs_inline_while_bulk_work_runs(model: Model, gate: Gate) -> None:
+    b = make_batcher(bulk_parallel=1, inline_budget_s=1.0)
+    b.start()
+    try:
+        b.engine.calibrate(model, [1, 2, 4, 8])
+        gate.free_rows = 1  # the gate holds the bulk chunk only
+        gate.open.clear()
+        gate.threads.clear()
+        bulk = submit(b, model, images(4, 0.6), bulk=True)
+        await settle(b, 1)
+        probs, *_ = await submit(b, model, images(1, 0.4))  # answered while the bulk chunk is still held
+        assert probs.shape == (1, 10)
+        assert gate.threads[-1] == threading.get_ident()  # on the event loop: no hand-off to a thread
+        gate.open.set()
+        await bulk
+    finally:
+        gate.open.set()
+        await b.stop()
+
+
+def describe_thread() -> tuple[str, int, tuple[int, ...]]:
+    """The calling thread's native name, niceness and CPUs."""
+    tid = threading.get_native_id()
+    name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+    return name, os.getpriority(os.PRIO_PROCESS, tid), tuple(sorted(os.sched_getaffinity(tid)))
+
+
+def test_bulk_threads_are_named_lower_priority_and_pinned_one_per_cpu() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    engine = Engine(len(cpus))
+    try:
+        barrier = threading.Barrier(len(cpus))  # one task per thread of the pool, all at once
+
+        def at_once() -> tuple[str, int, tuple[int, ...]]:
+            barrier.wait(10)
+            return describe_thread()
+
+        seen = [f.result(10) for f in [engine.pools[1].submit(at_once) for _ in cpus]]
+        assert {name for name, _, _ in seen} == {"engine-bulk"}
+        assert {nice for _, nice, _ in seen} == {min(19, os.getpriority(os.PRIO_PROCESS, 0) + 19)}
+        if len(cpus) > 1:  # one thread per CPU the process may use: each on its own CPU
+            assert sorted(a for _, _, a in seen) == [(c,) for c in cpus]
+        interactive = engine.pools[0].submit(describe_thread).result(10)
+        assert interactive == ("engine", os.getpriority(os.PRIO_PROCESS, 0), tuple(cpus))
+    finally:
+        engine.shutdown()
+
+
+def test_bulk_parallel_zero_means_one_bulk_thread_per_usable_core() -> None:
+    assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
+    engine = Engine(0)
+    try:
+        assert engine.bulk_parallel == usable_cores()
+    finally:
+        engine.shutdown()
