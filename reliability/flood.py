@@ -134,13 +134,15 @@ def main(argv: list[str] | None = None) -> int:
                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
             rounds: list[dict[str, Any]] = []
             after: list[float] = []
-            windows: list[Any] = []
+            windows: list[tuple[float, float]] = []
             try:
                 time.sleep(1.0)
                 for i in range(args.rounds):
-                    windows.append(time.time())
-                    rounds.append(wrk(server.url, body, args.connections, args.duration, args.wrk_threads, args.wrk_cpus))
-                    windows[-1] = (windows[-1], time.time())
+                    began = time.time()
+                    rounds.append(
+                        wrk(server.url, body, args.connections, args.duration, args.wrk_threads, args.wrk_cpus)
+                    )
+                    windows.append((began, time.time()))
                     time.sleep(args.pause if i < args.rounds - 1 else 2.0)
                     after.append(proc_status(pid, "VmRSS"))
             finally:
