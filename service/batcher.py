@@ -263,7 +263,7 @@ class Batcher:
             batch = self._take(1, self._chunk_images(self._queued[1], now), now)
             if not batch:
                 break
-            self._launch(loop, 1, batch)
+            self._launch(loop, 1, batch, pinned=self._bulk_threads(now) == self.bulk_parallel)
 
     def _inline(self, loop: asyncio.AbstractEventLoop, batch: list[Item]) -> None:
         started = loop.time()
@@ -280,10 +280,10 @@ class Batcher:
         self._deliver(batch, x, probs, started, seconds)
         self._observations.inline(loop, batch, x, probs)
 
-    def _launch(self, loop: asyncio.AbstractEventLoop, qi: int, batch: list[Item]) -> None:
+    def _launch(self, loop: asyncio.AbstractEventLoop, qi: int, batch: list[Item], pinned: bool = True) -> None:
         start = loop.time()
         self._running[qi] += 1
-        fut = self.engine.launch(qi, batch, loop)
+        fut = self.engine.launch(qi, batch, loop, pinned)
         fut.add_done_callback(lambda f: self._finish(qi, batch, start, f))
 
     def _finish(self, qi: int, batch: list[Item], start: float, done: asyncio.Future[Computed]) -> None:

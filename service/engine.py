@@ -6,7 +6,7 @@ uint8 pixels are scaled to float32 on those threads, never on the event loop. Th
 OS priority (``bulk_nice``): they may fill every core, yet the event loop and the interactive thread get a core
 the moment they have work. With one bulk thread per CPU the process may use, each bulk thread is pinned to its
 own CPU: otherwise the kernel, balancing CPUs by priority weight, often stacks both low-priority threads on one
-CPU while the other idles. ``calibrate`` times the engine per batch size at warm-up; a batch whose measured cost
+CPU while the other idles; while single images keep arriving (fewer bulk threads run) they may run on any CPU. ``calibrate`` times the engine per batch size at warm-up; a batch whose measured cost
 is under the inline budget may run on the event loop instead (service/batcher.py decides).
 """
 
@@ -34,6 +34,7 @@ log = logging.getLogger("service.engine")
 
 #: How much nicer (lower priority, ``nice(1)``) than the process the bulk engine threads run by default.
 BULK_NICE = 19
+_own = threading.local()  # a pinned bulk thread's CPU (``cpu``) and whether it keeps to it now (``pinned``)
 
 #: What a caller gets: its rows of the output, seconds queued, seconds of the engine call, images in that call.
 Result = tuple[np.ndarray, float, float, int]
@@ -110,8 +111,10 @@ class Engine:
         size = next((s for s in sorted(table) if s >= n), None)
         return table[size] if size is not None else None
 
-    def launch(self, lane: int, batch: list[Item], loop: asyncio.AbstractEventLoop) -> asyncio.Future[Computed]:
-        return asyncio.wrap_future(self.pools[lane].submit(compute, batch), loop=loop)
+    def launch(self, lane: int, batch: list[Item], loop: asyncio.AbstractEventLoop,
+               pinned: bool = True) -> asyncio.Future[Computed]:  # fmt: skip
+        """Run ``batch`` on ``lane``; a pinned bulk thread keeps to its CPU only while ``pinned``."""
+        return asyncio.wrap_future(self.pools[lane].submit(compute, batch, pinned), loop=loop)
 
     def background(self, lane: int, fn: Callable[..., object], *args: object) -> None:
         self.pools[lane].submit(fn, *args)
@@ -143,12 +146,24 @@ def setup_thread(name: str, nice: int, pins: Iterator[int]) -> None:
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
         if (cpu := next(pins, None)) is not None:
             os.sched_setaffinity(tid, {cpu})
+            _own.cpu, _own.pinned = cpu, True
     except (OSError, AttributeError):
         log.warning("could not set the priority or the CPU of an engine thread (%s)", name)
 
 
-def compute(batch: list[Item]) -> Computed:
+def keep_to_own_cpu(pinned: bool) -> None:
+    """In a bulk thread pinned at start: keep to its CPU, or, not ``pinned``, run on any (while single images
+    keep arriving only one bulk thread runs, and it should take whichever CPU the event loop is not on)."""
+    cpu = getattr(_own, "cpu", None)
+    if cpu is not None and _own.pinned != pinned:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {cpu} if pinned else os.sched_getaffinity(os.getpid()))
+            _own.pinned = pinned
+
+
+def compute(batch: list[Item], pinned: bool = True) -> Computed:
     """In an engine thread: one call for the batch, skipped if every caller has hung up since the hand-over."""
+    keep_to_own_cpu(pinned)
     if all(it.future.done() or (it.gone is not None and it.gone()) for it in batch):
         return None
     x = to_float(batch)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from service.batcher import Batcher, Result
-from service.engine import Engine, usable_cores
+from service.engine import Engine, keep_to_own_cpu, usable_cores
 from service.errors import ClientDisconnected, DeadlineExceeded, Draining, EngineError, Overloaded
 from service.metrics import Metrics
 from service.model import Model, load_model
@@ -399,6 +399,17 @@ def test_bulk_threads_are_named_lower_priority_and_pinned_one_per_cpu() -> None:
         assert {nice for _, nice, _ in seen} == {min(19, os.getpriority(os.PRIO_PROCESS, 0) + 19)}
         if len(cpus) > 1:  # one thread per CPU the process may use: each on its own CPU
             assert sorted(a for _, _, a in seen) == [(c,) for c in cpus]
+            barrier.reset()
+
+            def float_then_return() -> tuple[tuple[int, ...], tuple[int, ...]]:
+                barrier.wait(10)
+                keep_to_own_cpu(False)  # fewer bulk calls run: any CPU
+                floating = describe_thread()[2]
+                keep_to_own_cpu(True)
+                return floating, describe_thread()[2]
+
+            moves = [f.result(10) for f in [engine.pools[1].submit(float_then_return) for _ in cpus]]
+            assert sorted(moves) == [(tuple(cpus), (c,)) for c in cpus]
         interactive = engine.pools[0].submit(describe_thread).result(10)
         assert interactive == ("engine", os.getpriority(os.PRIO_PROCESS, 0), tuple(cpus))
     finally:
