@@ -11,6 +11,7 @@ checked at teardown: exit code 0 and no error in their log, whichever tests ran 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -317,6 +318,47 @@ def test_a_refusal_is_decided_from_the_headers_and_held_for_retry_after(tiny_rep
         engine.release()
         assert_clean_shutdown(srv)
     assert "Invalid HTTP request" not in srv.logs()
+
+
+def test_admission_from_the_headers_reserves_each_body_at_once() -> None:
+    """Requests whose headers arrive in the same event-loop iteration are admitted against each other: the
+    guard's ``early_refusal`` reserves an admitted body's cost at once (a request alone is always admitted,
+    the next one that would pass the budget is refused), and the app layer releases exactly that reservation
+    when the response ends, without checking the request again."""
+    from service.inflight import RESERVED, InflightLimit
+
+    seen: list[int] = []
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        seen.append(gate.body_bytes)
+
+    gate = InflightLimit(app, 16, max_body_bytes_in_flight=100, max_body_bytes=100)  # type: ignore[arg-type]
+    headers = [(b"content-type", b"application/octet-stream"), (b"content-length", b"60")]
+    first: dict[str, object] = {"headers": headers}
+    second: dict[str, object] = {"headers": headers}
+    assert gate.early_refusal("POST", "/v1/predict/batch", first) is None
+    assert first[RESERVED] == 60
+    assert gate.body_bytes == 60
+    refusal = gate.early_refusal("POST", "/v1/predict/batch", second)
+    assert refusal is not None
+    assert b"too_many_requests" in refusal[1]
+    assert RESERVED not in second
+    assert gate.body_bytes == 60
+
+    async def serve() -> None:
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: object) -> None:
+            pass
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/predict/batch", **first}
+        await gate(scope, receive, send)
+
+    asyncio.run(serve())
+    assert seen == [60]  # admitted as reserved: not counted a second time
+    assert gate.body_bytes == 0
+    assert gate.processing == 0
 
 
 # ---------------------------------------------------------------------------------------------- slow clients
