@@ -1,21 +1,20 @@
 """Dynamic micro-batching: concurrent requests become one vectorized ONNX Runtime call.
 
-One consumer task owns two FIFO deques: interactive work (single images) and bulk chunks. It wakes on an event
-(new work or a finished engine call; it never polls), drops the items whose caller is gone or whose deadline has
-passed, and runs what is left as few engine calls as possible:
+One consumer task owns two FIFO deques, interactive work (single images) and bulk chunks; it wakes on an event
+(new work, a finished engine call), drops callers that are gone or past their deadline, and runs the rest:
 
-- interactive work runs as one batch of up to ``max_batch_size`` images, one batch at a time, so later arrivals
-  join the next batch; one measured to cost under ``inline_budget_s`` runs on the event loop, bulk work running
-  or not (a thread hand-off costs more, and the loop holds a core), others on the interactive engine thread.
-- bulk chunks run on their own threads (at a lower OS priority, service/engine.py), up to ``bulk_parallel`` at
-  once (default: one per core) while no interactive work waits or runs, one at a time otherwise: a single image
-  never queues behind bulk work, nor waits for a CPU behind it. A request is cut into chunks of
-  ``bulk_chunk_images``, or, when bulk threads are idle, into one chunk per idle thread (``min_split`` images or
-  more), so one request alone uses every core. uint8 is scaled to float32 on those threads, chunk by chunk.
+- interactive work: one batch of up to ``max_batch_size`` images at a time, so later arrivals join the next.
+  A batch measured to cost under ``inline_budget_s`` runs on the event loop (a thread hand-off costs more),
+  others on the interactive engine thread. At low load (the last batch held one image, nothing waits) a single
+  image runs in its caller's task at once, the first of each loop iteration only, so bursts still batch.
+- bulk: niced engine threads (service/engine.py), ``bulk_parallel`` of them (default one per usable core), all
+  busy while no single image arrives, one fewer while they keep arriving, one while one waits: a single image
+  never queues, nor waits for a CPU, behind bulk. A request is cut into chunks of ``bulk_chunk_images``, or one
+  per idle thread (``min_split`` images or more), so one request alone uses every core.
 
-Deadlines are absolute (``loop.time()``); they are checked when a batch forms, and one timer, armed for the
-earliest deadline queued, answers 504 to callers whose deadline passes while they wait. Results reach callers
-through their Future as ``(probabilities, queue_s, inference_s, batch_images)``.
+Deadlines are absolute (``loop.time()``), checked when a batch forms; one timer, armed for the earliest queued
+deadline, answers 504 to callers whose deadline passes while they wait. Results reach callers through their
+Future as ``(probabilities, queue_s, inference_s, batch_images)``.
 """
 
 from __future__ import annotations
@@ -26,14 +25,14 @@ import itertools
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service.engine import BULK_NICE, BatchObserver, Computed, Engine, Item, Observations, Result, to_float
-from service.errors import ClientDisconnected, DeadlineExceeded, Draining, EngineError, Overloaded
+from service.errors import Draining, EngineError, Overloaded
+from service.queues import Queues
 
 if TYPE_CHECKING:
     from service.metrics import Metrics
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("service.batcher")
 
 
-class Batcher:
+class Batcher(Queues):
     def __init__(self, *, max_batch_size: int, max_wait_s: float, max_queue_images: int, metrics: Metrics,
                  observer: BatchObserver | None = None, bulk_chunk_images: int = 1024,
                  max_bulk_queue_images: int | None = None, bulk_parallel: int = 0, inline_budget_s: float = 100e-6,
@@ -51,20 +50,17 @@ class Batcher:
         self.bulk_chunk_images = bulk_chunk_images
         self.min_split = 256  # the fewest images of a chunk cut to keep idle bulk threads busy
         self.single_recent_s, self._single_at = 0.1, -1e9  # the last single image's arrival (loop.time())
-        self._limits = (max_queue_images, max_bulk_queue_images or max_queue_images)
-        self._metrics = metrics
-        self._queues: tuple[deque[Item], deque[Item]] = (deque(), deque())  # interactive, bulk
-        self._queued = [0, 0]
+        super().__init__(max_queue_images, max_bulk_queue_images or max_queue_images, metrics)
         self._running = [0, 0]  # engine calls in flight: interactive (0 or 1), bulk
         self.engine = Engine(bulk_parallel, bulk_nice)  # bulk_parallel 0: one bulk thread per usable core
         self.bulk_parallel = self.engine.bulk_parallel
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at, self._accepting = float("inf"), True
+        self._accepting = True
         self._sec_per_image = 2e-5  # for Retry-After and deadline admission (exponentially weighted)
         self.inline_max_s = 0.0  # the longest batch run on the event loop so far (the loop's worst stall)
         self._observations = Observations(self.engine, observer)
+        self._hot, self._last_batch = False, 0  # a single image ran now in this loop iteration; last batch size
         self._requests = itertools.count()  # numbers the requests: the chunks of one bulk request share one
 
     # ----------------------------------------------------------------- lifecycle
@@ -123,6 +119,10 @@ class Batcher:
         if not bulk:
             self._single_at = now
         request = next(self._requests)
+        if not bulk and self._may_run_now(model, n):  # low load: no hand-off to the consumer task and back
+            item = Item(images, model, loop.create_future(), now, deadline, why, gone, request)
+            self._inline(loop, [item])
+            return item.future.result()
         items = [self._enqueue(loop, model, images[i : i + step], bulk, now, deadline, why, gone, request)
                  for i in range(0, n, step)]  # fmt: skip
         self._wakeup.set()
@@ -141,6 +141,18 @@ class Batcher:
                     it.future.cancel()
         probs = np.concatenate([r[0] for r in results])
         return probs, max(r[1] for r in results), sum(r[2] for r in results), max(r[3] for r in results)
+
+    def _may_run_now(self, model: Model, n: int) -> bool:
+        """Run a single image in its caller's task: nothing interactive waits or runs, the last batch held one
+        image, it is cheap (inline budget), and none ran so yet in this loop iteration (later arrivals batch)."""
+        if self._hot or self._last_batch > 1 or self._queued[0] or self._running[0] or self.max_wait_s > 0:
+            return False
+        cost = self.engine.cost(model, n)
+        if cost is None or cost > self.inline_budget_s:
+            return False
+        self._hot = True
+        asyncio.get_running_loop().call_soon(setattr, self, "_hot", False)
+        return True
 
     def _bulk_threads(self, now: float) -> int:
         """Bulk engine calls allowed at once: every bulk thread; one fewer while single images keep arriving
@@ -167,76 +179,6 @@ class Batcher:
             raise Overloaded(f"cannot finish within the stated deadline ({budget_s * 1000:.0f} ms): "
                              f"about {wait * 1000:.0f} ms of work is queued",
                              retry_after_s=wait, code="deadline_unmeetable")  # fmt: skip
-
-    def _enqueue(self, loop: asyncio.AbstractEventLoop, model: Model, images: np.ndarray, bulk: bool, now: float,
-                 deadline: float, why: str, gone: Callable[[], bool] | None, request: int) -> Item:  # fmt: skip
-        item = Item(images, model, loop.create_future(), now, deadline, why, gone, request)
-        q = 1 if bulk else 0
-        self._queues[q].append(item)
-        self._queued[q] += item.n
-        self._metrics.queue_depth[q].inc(item.n)
-        return item
-
-    # ----------------------------------------------------------------- deadlines: one timer
-    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = at
-        self._timer = loop.call_at(at, self._sweep)
-
-    def _sweep(self) -> None:
-        """Answer 504 to every queued caller whose deadline has passed; re-arm for the earliest left."""
-        self._timer, self._timer_at = None, float("inf")
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        earliest = float("inf")
-        for qi, q in enumerate(self._queues):
-            keep = [it for it in q if not (it.future.done() or it.deadline <= now)]
-            if len(keep) < len(q):  # one pass, rebuilt: no O(n) removals from the middle of a deque
-                for it in q:
-                    if it.future.done() or it.deadline <= now:
-                        self._dequeued(qi, it)
-                        self._expire(it)
-                q.clear()
-                q.extend(keep)
-            earliest = min([earliest, *(it.deadline for it in q)])
-        if earliest < float("inf"):
-            self._arm(loop, earliest)
-
-    def _expire(self, it: Item) -> None:
-        if not it.future.done():
-            self._metrics.dropped["timeout"].inc()
-            it.future.set_exception(DeadlineExceeded(f"the request waited longer than {it.why}"))
-
-    def _dequeued(self, qi: int, it: Item) -> None:
-        self._queued[qi] -= it.n
-        self._metrics.queue_depth[qi].dec(it.n)
-
-    # ----------------------------------------------------------------- consumer
-    def _take(self, qi: int, limit: int, now: float) -> list[Item]:
-        """Pop up to ``limit`` images of one model (a bigger item goes alone); callers that are gone or past
-        their deadline are answered and dropped before compute."""
-        q = self._queues[qi]
-        batch: list[Item] = []
-        size = 0
-        while q:
-            it = q[0]
-            if it.future.done() or it.deadline <= now or (it.gone is not None and it.gone()):
-                q.popleft()
-                self._dequeued(qi, it)
-                if it.deadline <= now:
-                    self._expire(it)
-                elif not it.future.done():
-                    self._metrics.dropped["cancelled"].inc()
-                    it.future.set_exception(ClientDisconnected("the client went away while its request waited"))
-                continue
-            if batch and (it.model is not batch[0].model or size + it.n > limit):
-                break
-            q.popleft()
-            self._dequeued(qi, it)
-            batch.append(it)
-            size += it.n
-        return batch
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -296,9 +238,7 @@ class Batcher:
         out = done.result()
         if out is None:
             for it in batch:
-                if not it.future.done():
-                    self._metrics.dropped["cancelled"].inc()
-                    it.future.set_exception(ClientDisconnected("the client went away while its request waited"))
+                self._gone(it)
             return
         x, probs, seconds = out
         self._deliver(batch, x, probs, start, seconds)
@@ -306,7 +246,7 @@ class Batcher:
 
     def _deliver(self, batch: list[Item], x: np.ndarray, probs: np.ndarray, started: float, seconds: float) -> None:
         """Hand each caller its rows. ``started``: when the batch left the queue (``loop.time()``)."""
-        n = x.shape[0]
+        n = self._last_batch = x.shape[0]
         self._sec_per_image += 0.1 * (seconds / n - self._sec_per_image)
         waits, row = [], 0
         for it in batch:

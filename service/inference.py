@@ -130,9 +130,11 @@ class Core:
         if len(body) > self.settings.max_json_bytes and decode.media_type(content_type) == decode.JSON:
             raise PayloadTooLarge(f"the JSON body is {len(body)} bytes; JSON is limited to "
                                   f"{self.settings.max_json_bytes} (send .npy or raw uint8 for bulk)")  # fmt: skip
-        size = len(body)
-        if decode.media_type(content_type) in (decode.PNG, decode.MULTIPART) and size > PNG_ON_LOOP_BYTES:
+        size, media = len(body), decode.media_type(content_type)
+        if media in (decode.PNG, decode.MULTIPART) and size > PNG_ON_LOOP_BYTES:
             size = OFF_LOOP_BYTES + 1  # a small PNG can still declare millions of pixels: decode it off the loop
+        elif media == decode.RAW:
+            size = 0  # raw uint8 is a view of the body, whatever its size: no thread hand-off
         return await self.offload(size, decode.decode, table, content_type, body, self.shape(model))
 
     async def offload(self, size: int, fn: Callable[..., T], *args: Any) -> T:

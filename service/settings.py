@@ -64,12 +64,12 @@ class Settings(BaseSettings):
     max_bulk_queue_images: int = Field(16384, ge=1, description="Bulk images allowed to wait; beyond it: 503.")
     bulk_chunk_images: int = Field(512, ge=1, description="Bulk requests run in engine calls of this many images.")
     bulk_parallel: int = Field(
-        1,
-        ge=1,
+        0,
+        ge=0,
         le=64,
-        description="Bulk engine calls run at once while no single-image work waits. 1 on 2 cores: the event loop "
-        "needs the other core to read bulk bodies, so a second engine thread adds no throughput but delays single "
-        "images; raise it on bigger machines.",
+        description="Bulk engine threads (0 = one per usable core: the CPU affinity capped by a cgroup CPU quota). "
+        "They run at nice +19, pinned one per CPU when they match the CPUs; all of them while no single image "
+        "arrived in the last 0.1 s, one fewer while single images keep arriving, one while one waits.",
     )
     inline_budget_us: float = Field(
         100.0,
@@ -137,8 +137,16 @@ class Settings(BaseSettings):
         description="Request bodies (by declared size; JSON weighs 6x) being received or processed at once; "
         "beyond it: 503 before the body is read.",
     )
+    refusal_delay_s: float = Field(
+        1.0,
+        ge=0,
+        le=10,
+        description="Seconds a 503 from the in-flight limit or the body budget is held (reading paused, up to 1,024 "
+        "connections) before it is sent, like its Retry-After: clients retrying at once cannot keep the event loop "
+        "busy refusing; 0 answers at once.",
+    )
     max_inflight_requests: int = Field(
-        1024, ge=0, description="Inference requests processed at once; beyond it: 503 at once (0 = no limit)."
+        1024, ge=0, description="Inference requests processed at once; beyond it: 503, decided from the headers (0 = no limit)."
     )
     gc_tuning: bool = Field(
         True,

@@ -423,3 +423,26 @@ def test_bulk_parallel_zero_means_one_bulk_thread_per_usable_core() -> None:
         assert engine.bulk_parallel == usable_cores()
     finally:
         engine.shutdown()
+
+
+async def test_a_single_image_at_low_load_runs_in_its_callers_task_and_bursts_still_batch(
+    model: Model, gate: Gate
+) -> None:
+    b = make_batcher(inline_budget_s=1.0)  # every batch counts as cheap: the order of calls is what is tested
+    b.engine.calibrate(model, [1, 2, 4, 8])
+    gate.batches.clear()
+    gate.threads.clear()
+    b.start()
+    try:
+        loop_thread = threading.get_ident()
+        await submit(b, model, images(1))  # idle: runs at once, on the event loop
+        burst = await asyncio.gather(*(submit(b, model, images(1)) for _ in range(8)))  # one loop iteration
+        assert [len(x) for x in gate.batches] == [1, 1, 7]  # the burst's first ran at once, the rest as one batch
+        assert set(gate.threads) == {loop_thread}
+        assert [r[3] for r in burst] == [1] + [7] * 7
+        await submit(b, model, images(1))  # the last batch held 7: this one goes through the queue...
+        await submit(b, model, images(1))  # ... and, the load low again, this one at once
+        assert [len(x) for x in gate.batches][3:] == [1, 1]
+        assert b.inline_max_s > 0
+    finally:
+        await b.stop()
