@@ -165,6 +165,10 @@ class Batcher(Queues):
         pieces = max(1, min(self._bulk_threads(now) - self._running[1], n // self.min_split))
         return min(self.bulk_chunk_images, -(-n // pieces))
 
+    def check_room(self, n: int, *, bulk: bool) -> None:
+        """Raise what ``submit`` would for ``n`` images (draining, queue full) before the work is even read."""
+        self._admit(n, bulk, None)
+
     def _admit(self, n: int, bulk: bool, budget_s: float | None) -> None:
         if not self._accepting:
             self._metrics.dropped["draining"].inc()

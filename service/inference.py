@@ -115,6 +115,15 @@ class Core:
             raise InvalidInput(f"{DEADLINE_HEADER} must be a positive number of milliseconds", code="invalid_header")
         return value / 1000.0
 
+    def room_for(self, media: str, content_length: str | None, model: Model) -> None:
+        """503 ``queue_full`` before a binary bulk body is read when even the fewest images its declared size
+        can hold (raw: one byte a pixel; .npy: at most four) would not fit the bulk queue."""
+        if media not in (decode.RAW, decode.NPY) or not content_length or not content_length.isdigit():
+            return
+        fewest = int(content_length) // (model.n_features * (1 if media == decode.RAW else 4))
+        if fewest > 1:
+            self.state.batcher.check_room(fewest, bulk=True)
+
     # ------------------------------------------------------------------------------------------ decoding
     def shape(self, model: Model) -> decode.Shape:
         shape = self._shapes.get(id(model))

@@ -68,8 +68,9 @@ class Rest:
         if decode.media_type(ct) not in table:
             raise decode.unsupported(decode.media_type(ct), tuple(table))
         limit = core.settings.max_json_bytes if decode.media_type(ct) == decode.JSON else core.settings.max_body_bytes
-        body = await read_body(scope, receive, limit)
         admission = core.admit(core.deadline_ms(header(scope, b"x-request-deadline-ms")))
+        core.room_for(decode.media_type(ct), header(scope, b"content-length"), admission.model)
+        body = await read_body(scope, receive, limit)
         images = await core.decode(table, ct, body, admission.model)
         del body
         return await core.infer(admission, images, gone=gone_probe(receive))

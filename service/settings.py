@@ -146,7 +146,9 @@ class Settings(BaseSettings):
         "busy refusing; 0 answers at once.",
     )
     max_inflight_requests: int = Field(
-        1024, ge=0, description="Inference requests processed at once; beyond it: 503, decided from the headers (0 = no limit)."
+        1024,
+        ge=0,
+        description="Inference requests processed at once; beyond it: 503, decided from the headers (0 = no limit).",
     )
     gc_tuning: bool = Field(
         True,

@@ -15,7 +15,14 @@ import pytest
 
 from service import decode
 from service.app import create_app
-from service.errors import InvalidInput, MalformedBody, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.errors import (
+    InvalidInput,
+    MalformedBody,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
 from service.inference import Core
 from service.settings import Settings
 
@@ -119,6 +126,24 @@ async def test_feedback_token_and_rate_limit(tiny_repo: Path) -> None:
         limited = await client.post("/v1/feedback", json=doc, headers=auth)
         assert limited.status_code == 429
         assert int(limited.headers["retry-after"]) >= 1
+
+
+async def test_a_bulk_body_that_cannot_fit_the_queue_is_refused_before_it_is_read(tiny_repo: Path) -> None:
+    async for client, core in started(tiny_repo, max_bulk_queue_images=100):
+        model = core.registry.default
+        with pytest.raises(Overloaded) as refused:  # 200 raw images: more than the queue holds
+            core.room_for(decode.RAW, str(200 * 784), model)
+        assert refused.value.code == "queue_full"
+        core.room_for(decode.RAW, str(100 * 784), model)  # fits
+        core.room_for(decode.NPY, str(200 * 784 + 128), model)  # .npy: perhaps 50 float32 images, so it may fit
+        core.room_for(decode.JSON, str(10 << 20), model)  # not for JSON: its size says little about its images
+        r = await client.post("/v1/predict/batch", content=bytes(200 * 784),
+                              headers={"content-type": "application/octet-stream"})  # fmt: skip
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "queue_full"
+        ok = await client.post("/v1/predict/batch", content=bytes(100 * 784),
+                               headers={"content-type": "application/octet-stream"})  # fmt: skip
+        assert ok.status_code == 200, ok.text
 
 
 async def test_feedback_bodies_are_bounded_before_reading(app: App) -> None:
