@@ -6,8 +6,9 @@ uint8 pixels are scaled to float32 on those threads, never on the event loop. Th
 OS priority (``bulk_nice``): they may fill every core, yet the event loop and the interactive thread get a core
 the moment they have work. With one bulk thread per CPU the process may use, each bulk thread is pinned to its
 own CPU: otherwise the kernel, balancing CPUs by priority weight, often stacks both low-priority threads on one
-CPU while the other idles; while single images keep arriving (fewer bulk threads run) they may run on any CPU. ``calibrate`` times the engine per batch size at warm-up; a batch whose measured cost
-is under the inline budget may run on the event loop instead (service/batcher.py decides).
+CPU while the other idles; while single images keep arriving (fewer bulk threads run) they may run on any CPU.
+``calibrate`` times the engine per batch size at warm-up; a batch whose measured cost is under the inline
+budget may run on the event loop instead (service/batcher.py decides).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Engine:
         """Time the engine at each batch size (median of ``rounds``); run in a thread at warm-up."""
         x = np.zeros((max(sizes), model.n_features), dtype=np.float32)
         table: dict[int, float] = {}
-        for n in sizes:
+        for n in sorted(set(sizes)):  # ascending: ``cost`` takes the first size that fits
             times = []
             for _ in range(rounds):
                 t0 = time.perf_counter()
@@ -108,7 +109,7 @@ class Engine:
         if entry is None or entry[0]() is not model:
             return None
         table = entry[1]
-        size = next((s for s in sorted(table) if s >= n), None)
+        size = next((s for s in table if s >= n), None)
         return table[size] if size is not None else None
 
     def launch(self, lane: int, batch: list[Item], loop: asyncio.AbstractEventLoop,
