@@ -28,7 +28,7 @@ from service import logs
 from service.app import create_app
 from service.errors import ModelLoadError
 from service.guards import HttpLimits, guarded_protocol
-from service.inflight import InflightLimit
+from service.inflight import InflightLimit, limit_malloc_arenas
 from service.registry import ModelRegistry
 from service.settings import InvalidSettings, Settings, settings_from_args
 from service.state import ServiceState
@@ -172,6 +172,7 @@ def run(settings: Settings) -> int:
     problem = listen_problem(settings.host, settings.port)
     if problem is not None:
         return _fail(problem, EXIT_START)
+    limit_malloc_arenas()  # before any engine or worker thread allocates: bounds the heap's peak under load
     try:
         registry = ModelRegistry.load(settings)
     except ModelLoadError as exc:

@@ -837,4 +837,4 @@ def test_the_worst_request_mix_stays_under_60_percent_of_the_pod_limit(repo: Pat
     assert not probes.failures, probes.failures[:5]
     assert peak < BUDGET_MIB, peak
     assert statuses[200] > 0
-    assert not [s for s in statuses if s >= 500 and s != 503], statuses
+    assert not [s for s in statuses if s >= 500 and s not in (503, 504)], statuses  # 504: queued past its deadline
