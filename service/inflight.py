@@ -30,12 +30,17 @@ def _inference(method: str, path: str) -> bool:
     return method == "POST" and (path.startswith("/v1/predict") or path.endswith("/infer"))
 
 
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def _load_malloc_trim() -> Callable[[], int] | None:
     """glibc's ``malloc_trim(0)``: returns free heap pages of every arena to the OS (None off glibc)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
@@ -53,10 +58,8 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     those threads start. False off glibc."""
     if os.environ.get("MALLOC_ARENA_MAX"):
         return False
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):
-        return False
+    mallopt = getattr(_libc(), "mallopt", None)
+    return bool(mallopt(M_ARENA_MAX, arenas)) if mallopt is not None else False
 
 
 #: A prebuilt refusal: its headers and body (the status is 503).
