@@ -26,20 +26,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.parse
-import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import httptools
-import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from service.wire import OneWrite, error_response, request_id
 
 log = logging.getLogger("service.guards")
 
 MiB = 1024 * 1024
 Headers = list[tuple[bytes, bytes]]
 MAX_HELD_REFUSALS = 1024  # held at once (each an fd, ~10 KiB, its unread bytes in the kernel); beyond: at once
-_SAFE_ID = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
 @dataclass(frozen=True)
@@ -59,26 +58,6 @@ class Gate(Protocol):
 
 class _Refused(Exception):
     """Raised inside a parser callback to stop parsing: httptools turns it into HttpParserCallbackError."""
-
-
-def error_response(status: int, code: str, message: str, request_id: str | None = None, *, v2: bool = False) -> bytes:
-    """A complete HTTP/1.1 response in the service's error shape (``v2``: the Open Inference Protocol's,
-    ``{"error": "message"}``), closing the connection."""
-    error = message if v2 else {"code": code, "message": message, "request_id": request_id}
-    body = orjson.dumps({"error": error})
-    rid = b"x-request-id: " + request_id.encode() + b"\r\n" if request_id else b""
-    head = b"content-type: application/json\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n" % (len(body), rid)
-    return STATUS_LINE[status] + head + body
-
-
-def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
-    """The client's ``X-Request-ID`` when it is safe to echo (the app's rule), else a fresh one."""
-    for name, value in headers:
-        if name == b"x-request-id":
-            if 0 < len(value) <= 128 and set(value) <= _SAFE_ID:
-                return value.decode("ascii")
-            break
-    return uuid.uuid4().hex
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -249,7 +228,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._check_framing()
         self._admit()
         self._arm(self.limits.body_timeout_s, self._body_timeout)
+        before = self.cycle
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle is not before:  # a request cycle was made: one send per response
+            self.cycle.transport = OneWrite(self.transport, self.loop)  # type: ignore[assignment]
 
     def _admit(self) -> None:
         """The gate's refusal stops parsing here: no request cycle, no ASGI task, no body copied. Not while an
@@ -293,7 +275,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         elif length is not None and length.isdigit() and int(length) > limit:
             refusal = 413, "payload_too_large", f"the body is {int(length)} bytes; the limit is {limit}"
         if refusal is not None:
-            self._refuse(*refusal, _request_id(self.headers), self._v2_path())
+            self._refuse(*refusal, request_id(self.headers), self._v2_path())
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)

@@ -1,0 +1,175 @@
+"""service/wire.py: one ``send`` per response (the head held until the body), and every response still whole
+and in order over a real server: HEAD, ``Expect: 100-continue``, pipelined requests, bodies over 64 KiB."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.wire import OneWrite
+from tests.helpers import Server, running_server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Recorder:
+    """Stands where the socket transport stands: records each ``write`` (one ``send`` each)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def drive(*steps: bytes | str) -> tuple[list[list[bytes]], Recorder]:
+    """Feed ``steps`` (bytes: a write; "turn": let the loop run once; "close") and record the writes after each."""
+    rec = Recorder()
+    seen: list[list[bytes]] = []
+
+    async def main() -> None:
+        out = OneWrite(rec, asyncio.get_running_loop())  # type: ignore[arg-type]
+        for step in steps:
+            if step == "turn":
+                await asyncio.sleep(0)
+            elif step == "close":
+                out.close()
+            else:
+                assert isinstance(step, bytes)
+                out.write(step)
+            seen.append(list(rec.writes))
+
+    asyncio.run(main())
+    return seen, rec
+
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
+
+
+def test_head_and_body_go_out_in_one_write() -> None:
+    seen, rec = drive(HEAD, b"hello", "turn")
+    assert seen[0] == []  # the head waits for the body
+    assert rec.writes == [HEAD + b"hello"]
+
+
+def test_a_head_alone_goes_out_at_the_next_turn_of_the_loop() -> None:
+    seen, rec = drive(HEAD, "turn", b"later")
+    assert seen[1] == [HEAD]
+    assert rec.writes == [HEAD, b"later"]
+
+
+def test_100_continue_is_never_held() -> None:
+    seen, rec = drive(b"HTTP/1.1 100 Continue\r\n\r\n", HEAD, b"hello")
+    assert seen[0] == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    assert rec.writes == [b"HTTP/1.1 100 Continue\r\n\r\n", HEAD + b"hello"]
+
+
+def test_a_large_body_is_not_copied_and_keeps_its_order() -> None:
+    big = b"x" * 100_000
+    _, rec = drive(HEAD, big, b"tail")
+    assert rec.writes == [HEAD, big, b"tail"]
+
+
+def test_close_sends_what_is_held_first() -> None:
+    _, rec = drive(HEAD, "close")
+    assert rec.writes == [HEAD]
+    assert rec.closed
+
+
+# ---------------------------------------------------------------------------------------------- real server
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with running_server(ROOT / "models", tmp_path_factory.mktemp("wire")) as srv:
+        yield srv
+
+
+def exchange(
+    port: int, data: bytes, responses: int, *, pause_after: bytes | None = None, head_only: bool = False
+) -> bytes:
+    """Send ``data`` (stopping after ``pause_after`` until the server answers something), read ``responses``
+    (``head_only``: one response head, as to HEAD)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        got = b""
+        if pause_after is not None:
+            first, rest = data.split(pause_after, 1)
+            s.sendall(first + pause_after)
+            got = s.recv(65536)
+            data = rest
+        s.sendall(data)
+        while not (got.endswith(b"\r\n\r\n") if head_only else complete(got, responses)):
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def complete(data: bytes, responses: int) -> bool:
+    """Whether ``data`` holds ``responses`` final responses with their whole Content-Length bodies."""
+    rest, n = data, 0
+    while n < responses:
+        head_end = rest.find(b"\r\n\r\n")
+        if head_end < 0:
+            return False
+        head = rest[:head_end].decode("latin-1").lower()
+        if head.startswith("http/1.1 100"):
+            rest = rest[head_end + 4 :]
+            continue
+        length = int(head.split("content-length:")[1].split("\r\n")[0]) if "content-length:" in head else 0
+        body_end = head_end + 4 + length
+        if len(rest) < body_end:
+            return False
+        rest, n = rest[body_end:], n + 1
+    return True
+
+
+def test_a_response_head_with_no_body_after_it_is_sent(server: Server) -> None:
+    """An answer to HEAD is a head alone (here 405: /healthz is GET only): it must not wait for a body."""
+    got = exchange(server.port, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 1, head_only=True)
+    assert got.startswith(b"HTTP/1.1 405"), got[:300]
+    assert b"content-length: " in got, got[:300]
+
+
+def test_expect_100_continue_gets_its_interim_answer_then_the_prediction(server: Server) -> None:
+    body = json.dumps({"image": [0.0] * 784}).encode()
+    head = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))  # fmt: skip
+    got = exchange(server.port, head + body, 1, pause_after=b"\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), got[:200]
+    assert b"HTTP/1.1 200" in got, got[:400]
+    assert b'"label"' in got, got[:400]
+
+
+def test_pipelined_requests_are_answered_whole_and_in_order(server: Server) -> None:
+    image = json.dumps({"image": [0.0] * 784}).encode()
+    post = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % len(image) + image)  # fmt: skip
+    got = exchange(server.port, post + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + post, 3)
+    assert complete(got, 3), got[-300:]
+    order = [got.find(b'"label"'), got.find(b'"status"'), got.rfind(b'"label"')]
+    assert order == sorted(order), order
+    assert order[0] != order[2], order
+
+
+def test_a_response_over_64_kib_arrives_whole(server: Server) -> None:
+    raw = np.zeros((4096, 784), dtype=np.uint8).tobytes()
+    head = (b"POST /v1/predict/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(raw))  # fmt: skip
+    got = exchange(server.port, head + raw, 1)
+    assert got.startswith(b"HTTP/1.1 200"), got[:300]
+    payload = json.loads(got.split(b"\r\n\r\n", 1)[1])
+    assert payload["count"] == 4096
+    assert len(payload["labels"]) == 4096
