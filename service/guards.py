@@ -230,8 +230,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._arm(self.limits.body_timeout_s, self._body_timeout)
         before = self.cycle
         super().on_headers_complete()
-        if self.cycle is not None and self.cycle is not before:  # a request cycle was made: one send per response
-            self.cycle.transport = OneWrite(self.transport, self.loop)  # type: ignore[assignment]
+        cycle = self.cycle
+        if cycle is not None and cycle is not before:  # a request cycle was made: one send per response
+            cycle.transport = out = OneWrite(self.transport, cycle.on_response)  # type: ignore[assignment]
+            cycle.on_response = out.done
 
     def _admit(self) -> None:
         """The gate's refusal stops parsing here: no request cycle, no ASGI task, no body copied. Not while an

@@ -3,13 +3,14 @@ the request cycle's transport that sends a response's head and body in one ``sen
 
 uvicorn's request cycle writes the status line and headers as soon as the app sends ``http.response.start``,
 and the body at ``http.response.body``: two ``send`` calls, and two wake-ups of the client, per response.
-``OneWrite`` holds the head until the body's write (the hot routes send both in one step).
+``OneWrite`` holds the head until the body's write (every route sends both in one step).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
@@ -39,20 +40,20 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 class OneWrite:
-    """The request cycle's transport, holding the response head until the body's write: one ``send`` (and one
-    wake-up of the client) per response instead of two. A head with no body write after it in the same step
-    (HEAD, 100-continue, a streamed body) goes out at the loop's next turn."""
+    """The request cycle's transport, holding the response head until the body's first write: one ``send`` (and
+    one wake-up of the client) per response instead of two. A response with no body write (an answer to HEAD)
+    sends its head when it completes (``done``, the cycle's ``on_response``); a streamed body's head goes with
+    its first chunk; ``close`` sends what is held first. Bodies over 64 KiB are not copied to join them."""
 
-    __slots__ = ("_head", "_loop", "_transport")
+    __slots__ = ("_head", "_on_response", "_transport")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport, self._head, self._loop = transport, b"", loop
+    def __init__(self, transport: asyncio.Transport, on_response: Callable[[], None]) -> None:
+        self._transport, self._head, self._on_response = transport, b"", on_response
 
     def write(self, data: bytes) -> None:
         head = self._head
         if not head and data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 100"):
             self._head = data
-            self._loop.call_soon(self.flush)
         elif head and len(data) <= 65536:
             self._head = b""
             self._transport.write(head + data)
@@ -64,6 +65,10 @@ class OneWrite:
         head, self._head = self._head, b""
         if head:
             self._transport.write(head)
+
+    def done(self) -> None:
+        self.flush()
+        self._on_response()
 
     def close(self) -> None:
         self.flush()

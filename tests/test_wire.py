@@ -3,7 +3,6 @@ and in order over a real server: HEAD, ``Expect: 100-continue``, pipelined reque
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 from collections.abc import Iterator
@@ -35,56 +34,56 @@ class Recorder:
         return self.closed
 
 
-def drive(*steps: bytes | str) -> tuple[list[list[bytes]], Recorder]:
-    """Feed ``steps`` (bytes: a write; "turn": let the loop run once; "close") and record the writes after each."""
+def drive(*steps: bytes | str) -> tuple[list[list[bytes]], Recorder, list[str]]:
+    """Feed ``steps`` (bytes: a write; "done": the response completes; "close") and record the writes after
+    each, and the calls of the cycle's ``on_response``."""
     rec = Recorder()
     seen: list[list[bytes]] = []
-
-    async def main() -> None:
-        out = OneWrite(rec, asyncio.get_running_loop())  # type: ignore[arg-type]
-        for step in steps:
-            if step == "turn":
-                await asyncio.sleep(0)
-            elif step == "close":
-                out.close()
-            else:
-                assert isinstance(step, bytes)
-                out.write(step)
-            seen.append(list(rec.writes))
-
-    asyncio.run(main())
-    return seen, rec
+    completed: list[str] = []
+    out = OneWrite(rec, lambda: completed.append(f"after {len(rec.writes)} writes"))  # type: ignore[arg-type]
+    for step in steps:
+        if step == "done":
+            out.done()
+        elif step == "close":
+            out.close()
+        else:
+            assert isinstance(step, bytes)
+            out.write(step)
+        seen.append(list(rec.writes))
+    return seen, rec, completed
 
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
 
 
 def test_head_and_body_go_out_in_one_write() -> None:
-    seen, rec = drive(HEAD, b"hello", "turn")
+    seen, rec, completed = drive(HEAD, b"hello", "done")
     assert seen[0] == []  # the head waits for the body
     assert rec.writes == [HEAD + b"hello"]
+    assert completed == ["after 1 writes"]
 
 
-def test_a_head_alone_goes_out_at_the_next_turn_of_the_loop() -> None:
-    seen, rec = drive(HEAD, "turn", b"later")
-    assert seen[1] == [HEAD]
-    assert rec.writes == [HEAD, b"later"]
+def test_a_response_without_a_body_write_sends_its_head_when_it_completes() -> None:
+    seen, rec, completed = drive(HEAD, "done")
+    assert seen[0] == []
+    assert rec.writes == [HEAD]
+    assert completed == ["after 1 writes"]  # the head was out before the cycle moved on
 
 
 def test_100_continue_is_never_held() -> None:
-    seen, rec = drive(b"HTTP/1.1 100 Continue\r\n\r\n", HEAD, b"hello")
+    seen, rec, _ = drive(b"HTTP/1.1 100 Continue\r\n\r\n", HEAD, b"hello")
     assert seen[0] == [b"HTTP/1.1 100 Continue\r\n\r\n"]
     assert rec.writes == [b"HTTP/1.1 100 Continue\r\n\r\n", HEAD + b"hello"]
 
 
 def test_a_large_body_is_not_copied_and_keeps_its_order() -> None:
     big = b"x" * 100_000
-    _, rec = drive(HEAD, big, b"tail")
+    _, rec, _ = drive(HEAD, big, b"tail")
     assert rec.writes == [HEAD, big, b"tail"]
 
 
 def test_close_sends_what_is_held_first() -> None:
-    _, rec = drive(HEAD, "close")
+    _, rec, _ = drive(HEAD, "close")
     assert rec.writes == [HEAD]
     assert rec.closed
 
