@@ -207,9 +207,18 @@ class Observations:
             self.engine.background(0, self._observe, pending)
 
     def _observe(self, pending: list[tuple[list[Item], np.ndarray, np.ndarray]]) -> None:
+        """One observer call per run of batches of the same model (inline batches arrive by the dozen)."""
         assert self.observer is not None
-        for batch, x, probs in pending:
+        start = 0
+        while start < len(pending):
+            model, end = pending[start][0][0].model, start + 1
+            while end < len(pending) and pending[end][0][0].model is model:
+                end += 1
+            run = pending[start:end]
+            x = run[0][1] if len(run) == 1 else np.concatenate([x for _, x, _ in run])
+            probs = run[0][2] if len(run) == 1 else np.concatenate([p for _, _, p in run])
             try:
-                self.observer(batch[0].model, x, probs, [(it.request, it.n) for it in batch])
+                self.observer(model, x, probs, [(it.request, it.n) for batch, _, _ in run for it in batch])
             except Exception:
                 log.exception("batch observer failed")
+            start = end

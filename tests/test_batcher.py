@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from service.batcher import Batcher, Result
-from service.engine import Engine, keep_to_own_cpu, usable_cores
+from service.engine import Engine, Item, Observations, keep_to_own_cpu, usable_cores
 from service.errors import ClientDisconnected, DeadlineExceeded, Draining, EngineError, Overloaded
 from service.metrics import Metrics
 from service.model import Model, load_model
@@ -446,3 +446,28 @@ async def test_a_single_image_at_low_load_runs_in_its_callers_task_and_bursts_st
         assert b.inline_max_s > 0
     finally:
         await b.stop()
+
+
+async def test_inline_batches_are_observed_together_one_call_per_run_of_one_model() -> None:
+    """Inline batches are gathered and handed to the quality observer in one call per run of batches of the same
+    model (rows and per-request parts concatenated in order), not one call per batch."""
+    calls: list[tuple[object, np.ndarray, np.ndarray, list[tuple[int, int]]]] = []
+    engine = Engine(1)
+    observations = Observations(engine, lambda m, x, p, parts: calls.append((m, x, p, list(parts))))
+    a, b = object(), object()
+    loop = asyncio.get_running_loop()
+    request = iter(range(100))
+    try:
+        for model, rows in ((a, 1), (a, 2), (b, 1), (a, 1)):
+            items = [Item(images(rows), model, loop.create_future(), 0.0, 1e9, "", None, next(request))]  # type: ignore[arg-type]
+            x = images(rows, value=len(calls) + rows / 10)
+            observations.inline(loop, items, x, x[:, :10])
+        observations.flush()
+    finally:
+        engine.shutdown()  # waits for the observer's background call
+    assert [(m is a, len(x), parts) for m, x, _, parts in calls] == [
+        (True, 3, [(0, 1), (1, 2)]),
+        (False, 1, [(2, 1)]),
+        (True, 1, [(3, 1)]),
+    ]
+    assert all(p.shape == (len(x), 10) for _, x, p, _ in calls)
