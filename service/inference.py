@@ -115,10 +115,13 @@ class Core:
             raise InvalidInput(f"{DEADLINE_HEADER} must be a positive number of milliseconds", code="invalid_header")
         return value / 1000.0
 
-    def room_for(self, media: str, content_length: str | None, model: Model) -> None:
+    def room_for(self, media: str, content_length: str | None, model: Model, limit: int) -> None:
         """503 ``queue_full`` before a binary bulk body is read when even the fewest images its declared size
-        can hold (raw: one byte a pixel; .npy: at most four) would not fit the bulk queue."""
-        if media not in (decode.RAW, decode.NPY) or not content_length or not content_length.isdigit():
+        can hold (raw: one byte a pixel; .npy: at most four) would not fit the bulk queue. A size over the body
+        ``limit`` is left to the 413 of reading it."""
+        if media not in (decode.RAW, decode.NPY) or not content_length or not content_length.strip().isdigit():
+            return
+        if int(content_length) > limit:
             return
         fewest = int(content_length) // (model.n_features * (1 if media == decode.RAW else 4))
         if fewest > 1:

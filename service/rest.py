@@ -69,7 +69,7 @@ class Rest:
             raise decode.unsupported(decode.media_type(ct), tuple(table))
         limit = core.settings.max_json_bytes if decode.media_type(ct) == decode.JSON else core.settings.max_body_bytes
         admission = core.admit(core.deadline_ms(header(scope, b"x-request-deadline-ms")))
-        core.room_for(decode.media_type(ct), header(scope, b"content-length"), admission.model)
+        core.room_for(decode.media_type(ct), header(scope, b"content-length"), admission.model, limit)
         body = await read_body(scope, receive, limit)
         images = await core.decode(table, ct, body, admission.model)
         del body

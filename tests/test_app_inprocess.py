@@ -132,11 +132,11 @@ async def test_a_bulk_body_that_cannot_fit_the_queue_is_refused_before_it_is_rea
     async for client, core in started(tiny_repo, max_bulk_queue_images=100):
         model = core.registry.default
         with pytest.raises(Overloaded) as refused:  # 200 raw images: more than the queue holds
-            core.room_for(decode.RAW, str(200 * 784), model)
+            core.room_for(decode.RAW, str(200 * 784), model, 1 << 24)
         assert refused.value.code == "queue_full"
-        core.room_for(decode.RAW, str(100 * 784), model)  # fits
-        core.room_for(decode.NPY, str(200 * 784 + 128), model)  # .npy: perhaps 50 float32 images, so it may fit
-        core.room_for(decode.JSON, str(10 << 20), model)  # not for JSON: its size says little about its images
+        core.room_for(decode.RAW, str(100 * 784), model, 1 << 24)  # fits
+        core.room_for(decode.NPY, str(200 * 784 + 128), model, 1 << 24)  # .npy: perhaps 50 float32 images
+        core.room_for(decode.JSON, str(10 << 20), model, 1 << 24)  # not for JSON: its size says little
         r = await client.post("/v1/predict/batch", content=bytes(200 * 784),
                               headers={"content-type": "application/octet-stream"})  # fmt: skip
         assert r.status_code == 503
@@ -144,6 +144,10 @@ async def test_a_bulk_body_that_cannot_fit_the_queue_is_refused_before_it_is_rea
         ok = await client.post("/v1/predict/batch", content=bytes(100 * 784),
                                headers={"content-type": "application/octet-stream"})  # fmt: skip
         assert ok.status_code == 200, ok.text
+        limit = core.settings.max_body_bytes  # over the body limit: 413, whatever the queue holds
+        huge = await client.post("/v1/predict/batch", content=bytes(limit + 784),
+                                 headers={"content-type": "application/octet-stream"})  # fmt: skip
+        assert huge.status_code == 413, huge.text
 
 
 async def test_feedback_bodies_are_bounded_before_reading(app: App) -> None:
