@@ -75,7 +75,8 @@ JSON_WEIGHT = 6
 def body_cost(scope: Scope, max_body_bytes: int) -> int:
     """What a request's body counts against the in-flight budget: its declared ``Content-Length`` (0 without a
     body); ``max_body_bytes``, the most it can grow to, when it is chunked or compressed
-    (``Content-Encoding``); times ``JSON_WEIGHT`` for JSON."""
+    (``Content-Encoding``); times ``JSON_WEIGHT`` for JSON. A declared size over ``max_body_bytes`` costs
+    nothing: that body is refused with 413 unread."""
     size = 0
     encoded = json = False
     for name, value in scope["headers"]:
@@ -87,6 +88,8 @@ def body_cost(scope: Scope, max_body_bytes: int) -> int:
             encoded = value.strip().lower() not in (b"", b"identity")
         elif name == b"content-type":
             json = value.lstrip().lower().startswith(b"application/json")
+    if size > max_body_bytes:
+        return 0
     if size and encoded:
         size = max_body_bytes
     return size * JSON_WEIGHT if json else size

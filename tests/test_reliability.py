@@ -320,6 +320,24 @@ def test_a_refusal_is_decided_from_the_headers_and_held_for_retry_after(tiny_rep
     assert "Invalid HTTP request" not in srv.logs()
 
 
+def test_a_body_declared_over_the_limit_costs_nothing_in_flight() -> None:
+    """It will be refused with 413 unread, so it must not take the in-flight budget (nor be refused 503 for it,
+    as it was under a server with no protocol guard in front: granian, bench/guards_check.py)."""
+    from service.inflight import JSON_WEIGHT, InflightLimit, body_cost
+
+    def scope(*headers: tuple[bytes, bytes]) -> dict[str, object]:
+        return {"headers": list(headers)}
+
+    assert body_cost(scope((b"content-length", b"60")), 100) == 60
+    assert body_cost(scope((b"content-length", b"60"), (b"content-type", b"application/json")), 100) == 60 * JSON_WEIGHT
+    assert body_cost(scope((b"transfer-encoding", b"chunked")), 100) == 100
+    assert body_cost(scope((b"content-length", b"101")), 100) == 0
+    gate = InflightLimit(None, 16, max_body_bytes_in_flight=100, max_body_bytes=100)  # type: ignore[arg-type]
+    assert gate.early_refusal("POST", "/v1/predict/batch", scope((b"content-length", b"90"))) is None
+    assert gate.early_refusal("POST", "/v1/predict/batch", scope((b"content-length", b"101"))) is None  # to its 413
+    assert gate.body_bytes == 90
+
+
 def test_admission_from_the_headers_reserves_each_body_at_once() -> None:
     """Requests whose headers arrive in the same event-loop iteration are admitted against each other: the
     guard's ``early_refusal`` reserves an admitted body's cost at once (a request alone is always admitted,
