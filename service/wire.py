@@ -45,15 +45,16 @@ class OneWrite:
     sends its head when it completes (``done``, the cycle's ``on_response``); a streamed body's head goes with
     its first chunk; ``close`` sends what is held first. Bodies over 64 KiB are not copied to join them."""
 
-    __slots__ = ("_head", "_on_response", "_transport")
+    __slots__ = ("_head", "_headless", "_on_response", "_transport")
 
     def __init__(self, transport: asyncio.Transport, on_response: Callable[[], None]) -> None:
         self._transport, self._head, self._on_response = transport, b"", on_response
+        self._headless = True  # the response head is the first write that is not a 100 Continue
 
     def write(self, data: bytes) -> None:
         head = self._head
-        if not head and data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 100"):
-            self._head = data
+        if self._headless and not data.startswith(b"HTTP/1.1 100"):
+            self._head, self._headless = data, False
         elif head and len(data) <= 65536:
             self._head = b""
             self._transport.write(head + data)

@@ -82,6 +82,13 @@ def test_a_large_body_is_not_copied_and_keeps_its_order() -> None:
     assert rec.writes == [HEAD, big, b"tail"]
 
 
+def test_only_the_head_is_held() -> None:
+    """A body chunk that happens to look like a status line goes out at once."""
+    lookalike = b"HTTP/1.1 200 OK, said the body"
+    seen, _, _ = drive(HEAD, b"hello", lookalike)
+    assert seen[2] == [HEAD + b"hello", lookalike]
+
+
 def test_close_sends_what_is_held_first() -> None:
     _, rec, _ = drive(HEAD, "close")
     assert rec.writes == [HEAD]
