@@ -4,6 +4,7 @@ queues up while a batch runs is decided by the test, never by timing luck."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -74,12 +75,22 @@ def make_batcher(**kw: Any) -> Batcher:
     return Batcher(metrics=Metrics(), **args)
 
 
+@contextlib.asynccontextmanager
+async def running(b: Batcher, gate: Gate | None = None) -> AsyncIterator[Batcher]:
+    """``b`` started; on the way out the gate (if any) is opened and ``b`` stopped, whatever the test did."""
+    b.start()
+    try:
+        yield b
+    finally:
+        if gate is not None:
+            gate.open.set()
+        await b.stop()
+
+
 @pytest.fixture
 async def batcher() -> AsyncIterator[Batcher]:
-    b = make_batcher()
-    b.start()
-    yield b
-    await b.stop()
+    async with running(make_batcher()) as b:
+        yield b
 
 
 def images(n: int, value: float = 0.5) -> np.ndarray:
@@ -135,8 +146,7 @@ async def test_batches_never_exceed_max_batch_size(batcher: Batcher, model: Mode
 
 async def test_full_queue_refuses_at_once_with_retry_after(model: Model, gate: Gate) -> None:
     b = make_batcher(max_queue_images=4)
-    b.start()
-    try:
+    async with running(b, gate):
         first = await hold(gate, b, model)
         queued = [submit(b, model, images(1)) for _ in range(4)]
         await asyncio.sleep(0)
@@ -146,9 +156,6 @@ async def test_full_queue_refuses_at_once_with_retry_after(model: Model, gate: G
         assert int(err.value.headers["Retry-After"]) >= 1
         gate.open.set()
         await asyncio.gather(first, *queued)
-    finally:
-        gate.open.set()
-        await b.stop()
 
 
 async def test_a_deadline_passing_in_the_queue_answers_504_while_the_engine_is_still_busy(
@@ -218,8 +225,7 @@ async def test_a_single_image_never_waits_behind_bulk_work(batcher: Batcher, mod
 
 async def test_bulk_uint8_is_chunked_and_scaled_off_the_event_loop(model: Model, gate: Gate) -> None:
     b = make_batcher(bulk_chunk_images=4)
-    b.start()
-    try:
+    async with running(b):
         x = np.arange(10 * 784, dtype=np.int64).reshape(10, 784).astype(np.uint8)
         probs, _, _, _ = await submit(b, model, x, bulk=True)
         assert [len(c) for c in gate.batches] == [4, 4, 2]
@@ -227,14 +233,11 @@ async def test_bulk_uint8_is_chunked_and_scaled_off_the_event_loop(model: Model,
         np.testing.assert_allclose(np.concatenate(gate.batches), x / np.float32(255), rtol=1e-6)
         np.testing.assert_allclose(probs, gate.real_run(x / np.float32(255)), rtol=1e-5)
         assert threading.get_ident() not in gate.threads
-    finally:
-        await b.stop()
 
 
 async def test_bulk_uses_every_engine_thread_only_while_no_single_image_waits(model: Model, gate: Gate) -> None:
     b = make_batcher(bulk_chunk_images=2, bulk_parallel=2)
-    b.start()
-    try:
+    async with running(b, gate):
         gate.open.clear()
         bulk = submit(b, model, images(8, 0.6), bulk=True)
         await asyncio.to_thread(lambda: gate.entered.wait(10))
@@ -253,15 +256,11 @@ async def test_bulk_uses_every_engine_thread_only_while_no_single_image_waits(mo
         await asyncio.gather(bulk, single)
         order = [round(float(x[0, 0]), 3) for x in gate.batches]
         assert order.index(0.4) == 2  # after the two bulk chunks already running, before the other two
-    finally:
-        gate.open.set()
-        await b.stop()
 
 
 async def test_deadline_aware_admission_refuses_unmeetable_requests(model: Model, gate: Gate) -> None:
     b = make_batcher(max_queue_images=10_000, max_batch_size=64)
-    b.start()
-    try:
+    async with running(b, gate):
         first = await hold(gate, b, model)
         b._sec_per_image = 0.01  # the measured cost: 10 ms per image
         queued = [submit(b, model, images(1)) for _ in range(50)]
@@ -272,9 +271,6 @@ async def test_deadline_aware_admission_refuses_unmeetable_requests(model: Model
         fine = submit(b, model, images(1), budget_s=5.0)
         gate.open.set()
         await asyncio.gather(first, fine, *queued)
-    finally:
-        gate.open.set()
-        await b.stop()
 
 
 async def test_drain_finishes_queued_work_then_refuses(batcher: Batcher, model: Model, gate: Gate) -> None:
@@ -292,8 +288,7 @@ async def test_drain_finishes_queued_work_then_refuses(batcher: Batcher, model: 
 
 async def test_a_batch_measured_cheap_runs_inline_and_an_expensive_one_in_a_thread(model: Model, gate: Gate) -> None:
     b = make_batcher(inline_budget_s=1.0)  # everything is "cheap" under a 1 s budget
-    b.start()
-    try:
+    async with running(b):
         b.engine.calibrate(model, [1, 2, 4, 8])
         gate.batches.clear()
         gate.threads.clear()
@@ -303,8 +298,6 @@ async def test_a_batch_measured_cheap_runs_inline_and_an_expensive_one_in_a_thre
         await submit(b, model, images(1))
         assert gate.threads[-1] != threading.get_ident()
         assert b.inline_max_s > 0
-    finally:
-        await b.stop()
 
 
 async def settle(b: Batcher, running: int) -> None:
@@ -319,8 +312,7 @@ async def settle(b: Batcher, running: int) -> None:
 async def test_a_bulk_request_alone_is_cut_across_the_idle_bulk_threads(model: Model, gate: Gate) -> None:
     b = make_batcher(bulk_parallel=2, bulk_chunk_images=64)
     b.min_split = 2
-    b.start()
-    try:
+    async with running(b, gate):
         gate.open.clear()
         alone = submit(b, model, images(8, 0.6), bulk=True)
         await settle(b, 2)  # two chunks of 4, one per idle thread (not one chunk of 8: the limit is 64)
@@ -330,15 +322,11 @@ async def test_a_bulk_request_alone_is_cut_across_the_idle_bulk_threads(model: M
         await asyncio.gather(alone, behind)
         assert sorted(len(x) for x in gate.batches) == [4, 4, 8]
         assert gate.most_inside == 2
-    finally:
-        gate.open.set()
-        await b.stop()
 
 
 async def test_while_single_images_keep_arriving_bulk_leaves_them_a_core(model: Model, gate: Gate) -> None:
     b = make_batcher(bulk_parallel=2, bulk_chunk_images=2)
-    b.start()
-    try:
+    async with running(b, gate):
         b.single_recent_s = 1e9  # every single image counts as recent: one bulk call at a time
         await submit(b, model, images(1, 0.4))
         gate.open.clear()
@@ -352,15 +340,11 @@ async def test_while_single_images_keep_arriving_bulk_leaves_them_a_core(model: 
         gate.open.set()
         probs, *_ = await bulk
         assert probs.shape == (8, 10)
-    finally:
-        gate.open.set()
-        await b.stop()
 
 
 async def test_a_cheap_single_image_runs_inline_while_bulk_work_runs(model: Model, gate: Gate) -> None:
     b = make_batcher(bulk_parallel=1, inline_budget_s=1.0)
-    b.start()
-    try:
+    async with running(b, gate):
         b.engine.calibrate(model, [1, 2, 4, 8])
         gate.free_rows = 1  # the gate holds the bulk chunk only
         gate.open.clear()
@@ -372,9 +356,6 @@ async def test_a_cheap_single_image_runs_inline_while_bulk_work_runs(model: Mode
         assert gate.threads[-1] == threading.get_ident()  # on the event loop: no hand-off to a thread
         gate.open.set()
         await bulk
-    finally:
-        gate.open.set()
-        await b.stop()
 
 
 def describe_thread() -> tuple[str, int, tuple[int, ...]]:
@@ -432,8 +413,7 @@ async def test_a_single_image_at_low_load_runs_in_its_callers_task_and_bursts_st
     b.engine.calibrate(model, [1, 2, 4, 8])
     gate.batches.clear()
     gate.threads.clear()
-    b.start()
-    try:
+    async with running(b):
         loop_thread = threading.get_ident()
         await submit(b, model, images(1))  # idle: runs at once, on the event loop
         burst = await asyncio.gather(*(submit(b, model, images(1)) for _ in range(8)))  # one loop iteration
@@ -444,8 +424,6 @@ async def test_a_single_image_at_low_load_runs_in_its_callers_task_and_bursts_st
         await submit(b, model, images(1))  # ... and, the load low again, this one at once
         assert [len(x) for x in gate.batches][3:] == [1, 1]
         assert b.inline_max_s > 0
-    finally:
-        await b.stop()
 
 
 async def test_inline_batches_are_observed_together_one_call_per_run_of_one_model() -> None:
