@@ -25,8 +25,8 @@ from typing import Annotated, Any
 import msgspec
 import numpy as np
 import simdjson
-from python_multipart.multipart import MultipartParser, parse_options_header
 
+from service.envelope import multipart_file
 from service.errors import InvalidInput, MalformedBody, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from service.png import png_pixels
 
@@ -210,39 +210,6 @@ def png_one(body: bytes, _ct: str, shape: Shape) -> np.ndarray:
 def multipart_one(body: bytes, ct: str, shape: Shape) -> np.ndarray:
     """A ``multipart/form-data`` upload whose ``file`` part is a PNG."""
     return png_one(multipart_file(body, ct), PNG, shape)
-
-
-def multipart_file(body: bytes, content_type: str, field: str = "file") -> bytes:
-    _, params = parse_options_header(content_type)
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise MalformedBody("the multipart body has no boundary", code="malformed_multipart")
-    parts: list[tuple[bytes, list[bytes]]] = []
-    header: list[bytes] = []
-    callbacks = {
-        "on_part_begin": lambda: parts.append((b"", [])),
-        "on_header_field": lambda d, s, e: header.append(d[s:e].lower()),
-        "on_header_value": lambda d, s, e: header.append(d[s:e]),
-        "on_header_end": lambda: _part_header(parts, header),
-        "on_part_data": lambda d, s, e: parts[-1][1].append(d[s:e]),
-    }
-    try:
-        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
-        parser.write(body)
-        parser.finalize()
-    except Exception as exc:  # python-multipart raises its own types for malformed bodies
-        raise MalformedBody(f"malformed multipart body: {exc}", code="malformed_multipart") from None
-    for name, chunks in parts:
-        if name == field.encode():
-            return b"".join(chunks)
-    raise InvalidInput(f'the multipart body needs a "{field}" part holding a PNG', code="missing_field")
-
-
-def _part_header(parts: list[tuple[bytes, list[bytes]]], header: list[bytes]) -> None:
-    if len(header) >= 2 and header[0] == b"content-disposition" and parts:
-        _, params = parse_options_header(b"".join(header[1:]))
-        parts[-1] = (params.get(b"name", b""), parts[-1][1])
-    header.clear()
 
 
 def _safe(exc: BaseException, limit: int = 200) -> str:

@@ -21,14 +21,12 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
-import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-import numpy as np
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -38,7 +36,7 @@ from service.errors import DeadlineExceeded, InvalidInput, MalformedBody, Servic
 from service.inference import Core
 from service.model import Model
 from service.proto import grpc_predict_v2_pb2 as pb
-from service.tensors import LABEL_OUTPUT, PLATFORM, classification, input_images
+from service.tensors import LABEL_OUTPUT, PLATFORM, Output, add_output, input_images, output_tensors, raw_bytes
 
 log = logging.getLogger("service.grpc")
 
@@ -99,27 +97,15 @@ def _input_data(req: pb.ModelInferRequest) -> tuple[pb.ModelInferRequest.InferIn
     return spec, list(getattr(spec.contents, field))
 
 
-def _outputs(req: pb.ModelInferRequest, model: Model) -> list[tuple[str, int]]:
-    """(name, classification k) for each requested output; every output when none is named."""
+def _outputs(req: pb.ModelInferRequest, model: Model) -> list[Output]:
+    """Each requested output (always raw bytes); every output when none is named."""
     if not req.outputs:
-        return [(model.output_name, 0), (LABEL_OUTPUT, 0)]
-    out: list[tuple[str, int]] = []
+        return [Output(model.output_name, True), Output(LABEL_OUTPUT, True)]
+    out: list[Output] = []
     for spec in req.outputs:
-        if spec.name not in (model.output_name, LABEL_OUTPUT):
-            raise InvalidInput(f"unknown output {spec.name!r}; outputs are {model.output_name!r} and "
-                               f"{LABEL_OUTPUT!r}", code="unknown_output")  # fmt: skip
-        if any(name == spec.name for name, _ in out):
-            raise InvalidInput(f"output {spec.name!r} is requested twice")
         k = _int_param(spec.parameters, "classification", f"output {spec.name!r}") or 0
-        if not 0 <= k <= model.n_classes or (k and spec.name == LABEL_OUTPUT):
-            raise InvalidInput(f"classification applies to {model.output_name!r}, with k in 0-{model.n_classes}")
-        out.append((spec.name, k))
+        add_output(out, spec.name, k, True, model)
     return out
-
-
-def _bytes_tensor(items: list[bytes]) -> bytes:
-    """A raw BYTES tensor: each element as a 4-byte little-endian length, then its bytes."""
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
 class GrpcServer:
@@ -254,20 +240,11 @@ class GrpcServer:
         images = input_images(spec.name, spec.datatype, list(spec.shape), data, model,
                               core.settings.max_images_per_request)  # fmt: skip
         result = await core.infer(admission, images, gone=context.cancelled, transport="grpc")
-        probs = np.ascontiguousarray(result.probabilities, dtype="<f4")
-        n = probs.shape[0]
         resp = pb.ModelInferResponse(model_name=model.name, model_version=result.model.version, id=req.id)
         resp.parameters["prediction_id"].string_param = result.prediction_id
-        for name, k in outputs:
-            if k:
-                resp.outputs.add(name=name, datatype="BYTES", shape=[n, k])
-                resp.raw_output_contents.append(_bytes_tensor(classification(probs, k, model.class_labels)))
-            elif name == LABEL_OUTPUT:
-                resp.outputs.add(name=name, datatype="INT64", shape=[n])
-                resp.raw_output_contents.append(result.labels.astype("<i8").tobytes())
-            else:
-                resp.outputs.add(name=name, datatype="FP32", shape=[n, probs.shape[1]])
-                resp.raw_output_contents.append(probs.tobytes())
+        for out, datatype, shape, values in output_tensors(outputs, model, result.probabilities, result.labels):
+            resp.outputs.add(name=out.name, datatype=datatype, shape=shape)
+            resp.raw_output_contents.append(raw_bytes(values))
         return resp
 
     # ------------------------------------------------------------------------------------------ lifecycle

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Protocol
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.wire import OneWrite, error_response, request_id
+from service.wire import OneWrite, error_response, framing_refusal, request_id, v2_path
 
 log = logging.getLogger("service.guards")
 
@@ -176,12 +176,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _v2_path(self) -> bool:
-        """Whether the request's path (complete: call after the headers) is under /v2, whose errors take that
-        protocol's shape."""
-        try:
-            return bool(httptools.parse_url(self.url).path.startswith(b"/v2/"))
-        except httptools.HttpParserInvalidURLError:
-            return False
+        return v2_path(self.url)  # the path is complete after the headers
 
     def _too_large_headers(self) -> tuple[int, str, str, None]:
         limit = self.limits.max_header_bytes
@@ -254,29 +249,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _check_framing(self) -> None:
         """Transfer codings and the declared body size, before the request reaches the app."""
-        codings: list[bytes] = []
-        length = None
-        for name, value in self.headers:
-            if name == b"transfer-encoding":
-                codings += [c.strip().lower() for c in value.split(b",")]
-            elif name == b"content-length":
-                length = value
-        refusal: tuple[int, str, str] | None = None
-        limit = self.limits.max_body_bytes
-        if codings and self.parser.get_http_version() != "1.1":
-            refusal = 400, "invalid_transfer_encoding", "Transfer-Encoding is not allowed in HTTP/1.0"
-        elif codings and not all(codings):
-            refusal = 400, "invalid_transfer_encoding", "Transfer-Encoding has an empty coding"
-        elif codings and codings != [b"chunked"]:
-            shown = b", ".join(codings).decode("latin-1")[:100]
-            refusal = (
-                501,
-                "unsupported_transfer_encoding",
-                f"transfer coding {shown!r} is not supported; only chunked is",
-            )
-        elif length is not None and length.isdigit() and int(length) > limit:
-            refusal = 413, "payload_too_large", f"the body is {int(length)} bytes; the limit is {limit}"
-        if refusal is not None:
+        version, limit = self.parser.get_http_version(), self.limits.max_body_bytes
+        if (refusal := framing_refusal(self.headers, version, limit)) is not None:
             self._refuse(*refusal, request_id(self.headers), self._v2_path())
 
     def on_body(self, body: bytes) -> None:

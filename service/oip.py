@@ -18,9 +18,10 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope
 
-from service import tensors
+from service import oip_body
 from service.asgi import Reply, documented, endpoint, gone_probe, header, read_body
 from service.decode import JSON, RAW
+from service.envelope import decompress
 from service.errors import NotFound, ServiceError, oip_error_json
 from service.inference import Core
 from service.model import Model
@@ -185,8 +186,8 @@ async def repository_index(request: Request) -> Response:
 
 # ---------------------------------------------------------------------------------------------- inference
 def _parse(body: bytes, encoding: str | None, declared: str | None, model: Model, limit: int,
-           max_images: int, max_json: int) -> tensors.InferRequest:  # fmt: skip
-    return tensors.parse_infer(tensors.decompress(body, encoding, limit), declared, model, max_images, max_json)
+           max_images: int, max_json: int) -> oip_body.InferRequest:  # fmt: skip
+    return oip_body.parse_infer(decompress(body, encoding, limit), declared, model, max_images, max_json)
 
 
 class Oip:
@@ -212,7 +213,7 @@ class Oip:
             stated, source = req.timeout_s, 'the "timeout" parameter'
         admission = core.admit(stated, source=source, model=model)
         out = await core.infer(admission, req.images, gone=gone_probe(receive))
-        content, header_length = tensors.encode_outputs(req.outputs, req.request_id, model, out.probabilities,
+        content, header_length = oip_body.encode_outputs(req.outputs, req.request_id, model, out.probabilities,
                                                         out.labels)  # fmt: skip
         headers = timing(out)
         if header_length is None:

@@ -236,31 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the MNIST ONNX model over HTTP. Every flag can also be set as MNIST_<NAME>.",
     )
     for name, field in Settings.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        choices = _choices(field.annotation)
-        if choices:
-            parser.add_argument(
-                _flag(name),
-                dest=name,
-                default=None,
-                choices=choices,
-                type=str.lower if name == "log_level" else str,
-                help=_help(field.description, default),
-            )
+        kw: dict[str, Any] = {"dest": name, "default": None}
+        kw["help"] = _help(
+            field.description, "none" if name == "cors_origins" else field.get_default(call_default_factory=True)
+        )
+        if choices := _choices(field.annotation):
+            kw |= {"choices": choices, "type": str.lower if name == "log_level" else str}
         elif field.annotation is bool:
-            parser.add_argument(
-                _flag(name),
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=_help(field.description, default),
-            )
+            kw["action"] = argparse.BooleanOptionalAction
         elif name == "cors_origins":
-            parser.add_argument(
-                _flag(name), dest=name, nargs="*", metavar="ORIGIN", default=None, help=_help(field.description, "none")
-            )
-        else:
-            parser.add_argument(_flag(name), dest=name, default=None, help=_help(field.description, default))
+            kw |= {"nargs": "*", "metavar": "ORIGIN"}
+        parser.add_argument(_flag(name), **kw)
     return parser
 
 

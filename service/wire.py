@@ -1,5 +1,6 @@
-"""What the HTTP protocol (service/guards.py) writes itself: whole error responses in the service's shape, and
-the request cycle's transport that sends a response's head and body in one ``send``.
+"""HTTP/1.1 details of the guarded protocol (service/guards.py): the framing rules a request must pass before it
+reaches the app, whole error responses in the service's shape, and the request cycle's transport that sends a
+response's head and body in one ``send``.
 
 uvicorn's request cycle writes the status line and headers as soon as the app sends ``http.response.start``,
 and the body at ``http.response.body``: two ``send`` calls, and two wake-ups of the client, per response.
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from service.errors import error_json, oip_error_json
@@ -37,6 +39,38 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> str:
                 return value.decode("ascii")
             break
     return uuid.uuid4().hex
+
+
+def framing_refusal(headers: list[tuple[bytes, bytes]], version: str, limit: int) -> tuple[int, str, str] | None:
+    """The refusal (status, code, message) a request's framing earns, or None: transfer codings other than
+    ``chunked`` (501), ``Transfer-Encoding`` on HTTP/1.0 or with an empty coding (400), and a declared
+    ``Content-Length`` over ``limit`` (413)."""
+    codings: list[bytes] = []
+    length = None
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            codings += [c.strip().lower() for c in value.split(b",")]
+        elif name == b"content-length":
+            length = value
+    if codings and version != "1.1":
+        return 400, "invalid_transfer_encoding", "Transfer-Encoding is not allowed in HTTP/1.0"
+    if codings and not all(codings):
+        return 400, "invalid_transfer_encoding", "Transfer-Encoding has an empty coding"
+    if codings and codings != [b"chunked"]:
+        shown = b", ".join(codings).decode("latin-1")[:100]
+        return 501, "unsupported_transfer_encoding", f"transfer coding {shown!r} is not supported; only chunked is"
+    if length is not None and length.isdigit() and int(length) > limit:
+        return 413, "payload_too_large", f"the body is {int(length)} bytes; the limit is {limit}"
+    return None
+
+
+def v2_path(url: bytes) -> bool:
+    """Whether a request target's path is under ``/v2`` (the Open Inference Protocol, whose errors take its
+    shape); False for a target that does not parse."""
+    try:
+        return bool(httptools.parse_url(url).path.startswith(b"/v2/"))
+    except httptools.HttpParserInvalidURLError:
+        return False
 
 
 class OneWrite:

@@ -1,5 +1,5 @@
-"""service/wire.py: one ``send`` per response (the head held until the body), and every response still whole
-and in order over a real server: HEAD, ``Expect: 100-continue``, pipelined requests, bodies over 64 KiB."""
+"""service/wire.py: the framing rules, and one ``send`` per response (the head held until the body) with every
+response still whole and in order over a real server: HEAD, ``Expect: 100-continue``, pipelining, big bodies."""
 
 from __future__ import annotations
 
@@ -11,10 +11,40 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.wire import OneWrite
+from service.wire import OneWrite, framing_refusal, v2_path
 from tests.helpers import Server, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("headers", "version", "expected"),
+    [
+        ([(b"content-length", b"10")], "1.1", None),
+        ([(b"content-length", b"101")], "1.1", (413, "payload_too_large")),
+        ([(b"content-length", b"100")], "1.1", None),  # at the limit
+        ([(b"transfer-encoding", b"chunked")], "1.1", None),
+        ([(b"transfer-encoding", b"Chunked ")], "1.1", None),  # codings are case-insensitive, trimmed
+        ([(b"transfer-encoding", b"chunked")], "1.0", (400, "invalid_transfer_encoding")),
+        ([(b"transfer-encoding", b"chunked, ")], "1.1", (400, "invalid_transfer_encoding")),
+        ([(b"transfer-encoding", b"gzip, chunked")], "1.1", (501, "unsupported_transfer_encoding")),
+        (
+            [(b"transfer-encoding", b"gzip"), (b"transfer-encoding", b"chunked")],
+            "1.1",
+            (501, "unsupported_transfer_encoding"),
+        ),
+    ],
+)
+def test_framing_refusal(headers: list[tuple[bytes, bytes]], version: str, expected: tuple[int, str] | None) -> None:
+    refusal = framing_refusal(headers, version, limit=100)
+    assert (refusal[:2] if refusal else None) == expected
+
+
+def test_v2_path() -> None:
+    assert v2_path(b"/v2/models/mnist-mlp/infer?x=1")
+    assert not v2_path(b"/v1/predict")
+    assert not v2_path(b"/v2")  # only paths under /v2/
+    assert not v2_path(b"http://[::1")  # does not parse
 
 
 class Recorder:
