@@ -78,9 +78,43 @@ def summarize(collapsed: Path, top: int = 15) -> dict[str, object]:
             incl[f] += n
     return {
         "samples": total,
+        "loop": loop_areas(collapsed),
         "threads": {k: v for k, v in threads.most_common(10)},
         "own": [(k, round(v / total, 4)) for k, v in own.most_common(top)] if total else [],
         "inclusive": [(k, round(v / total, 4)) for k, v in incl.most_common(top * 2)] if total else [],
+    }
+
+
+def _area(frame: str) -> str:
+    """Where a frame's code lives: a service module (``service/decode.py``), else the top-level package or
+    module (``numpy``, ``asyncio``, ``selectors``). py-spy names files relative to their ``sys.path`` entry, and
+    native code called from Python counts where it is called (it samples Python stacks)."""
+    path = frame.rpartition(" (")[2].rstrip(")").rsplit(":", 1)[0]
+    if "service/" in path:
+        return "service/" + path.rsplit("service/", 1)[1]
+    return path.split("/", 1)[0].removesuffix(".py") or frame
+
+
+def loop_areas(collapsed: Path) -> dict[str, object]:
+    """The event-loop thread's (``MainThread``) samples: the share spent waiting for events (``idle``), and its
+    busy samples by the area of the running frame (``_area``), largest first."""
+    areas: Counter[str] = Counter()
+    idle = 0
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        frames = stack.split(";")
+        if not count_s.isdigit() or len(frames) < 2 or "MainThread" not in frames[0]:
+            continue
+        if frames[-1].startswith(("EpollSelector.select ", "select ")) and "selectors.py" in frames[-1]:
+            idle += int(count_s)
+        else:
+            areas[_area(frames[-1])] += int(count_s)
+    busy = sum(areas.values())
+    total = busy + idle
+    return {
+        "samples": total,
+        "idle": round(idle / total, 4) if total else None,
+        "busy_by_area": [(k, round(v / busy, 4)) for k, v in areas.most_common()] if busy else [],
     }
 
 

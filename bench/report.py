@@ -297,6 +297,10 @@ def markdown(result: dict[str, Any]) -> str:
         out.append(f"Profile `{name}` ({summary['samples']} samples): threads {summary['threads']}")
         out.append("- own: " + "; ".join(f"{k} {v * 100:.1f}%" for k, v in summary["own"]))
         out.append("- inclusive: " + "; ".join(f"{k} {v * 100:.1f}%" for k, v in summary["inclusive"]))
+        loop = summary.get("loop") or {}
+        if loop.get("busy_by_area"):
+            out.append(f"- event-loop thread ({loop['samples']} samples, idle {loop['idle'] * 100:.1f}%), busy by "
+                       "area: " + "; ".join(f"{k} {v * 100:.1f}%" for k, v in loop["busy_by_area"]))  # fmt: skip
     return "\n".join(out)
 
 

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="py-spy the service during extra JSON (high concurrency) and bulk points (not counted).",
+        help="py-spy the service during extra JSON (one connection, high concurrency) and bulk points (not counted).",
     )
     p.add_argument(
         "--service-arg",
@@ -632,6 +632,7 @@ def _service_only(bench: Bench, args: argparse.Namespace, digits: np.ndarray, pn
         bench.grpc_point("service+grpc", many, args.mixed_bulk, 2, f"grpc-bulk-{args.mixed_bulk}")
     if args.profile:
         bench.profile = {  # type: ignore[attr-defined]
+            "json-c1": _profiled(bench, json_w, 1, "profile-json-c1.txt"),
             "json": _profiled(bench, json_w, args.high, "profile-json.txt"),
             "bulk": _profiled(bench, bw, 2, "profile-bulk.txt"),
         }

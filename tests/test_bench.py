@@ -248,3 +248,21 @@ def test_budget_writes_the_unavoidable_costs(tmp_path: Path) -> None:
     assert all(v > 0 for v in budget["engine_us_per_image_by_batch"].values())
     big = budget["json_bulk_decode"]["1024"]
     assert big["decode_peak_mb"] > big["pixels_mb"] > 0  # Python floats cost more than the float32 pixels
+
+
+def test_profile_groups_the_event_loop_thread_by_area(tmp_path: Path) -> None:
+    from bench import profile
+
+    raw = tmp_path / "stacks.txt"
+    raw.write_text(
+        "thread (1): MainThread;run (service/server.py:10);EpollSelector.select (selectors.py:468) 5\n"
+        "thread (1): MainThread;run (service/server.py:10);fast_json (service/decode.py:120) 3\n"
+        "thread (1): MainThread;run (service/server.py:10);Session.run (onnxruntime/capi/x.py:401) 1\n"
+        "thread (1): MainThread;_run_once (asyncio/base_events.py:1922) 1\n"
+        "thread (2): engine-bulk;compute (service/engine.py:170) 7\n"  # another thread: not the loop's
+    )
+    loop = profile.loop_areas(raw)
+    assert loop["samples"] == 10
+    assert loop["idle"] == 0.5
+    assert loop["busy_by_area"] == [("service/decode.py", 0.6), ("onnxruntime", 0.2), ("asyncio", 0.2)]
+    assert profile.summarize(raw)["loop"] == loop
