@@ -252,6 +252,7 @@ class Batcher(Queues):
         """Hand each caller its rows. ``started``: when the batch left the queue (``loop.time()``)."""
         n = self._last_batch = x.shape[0]
         self._sec_per_image += 0.1 * (seconds / n - self._sec_per_image)
+        self.engine.observe(batch[0].model, n, seconds)
         waits, row = [], 0
         for it in batch:
             queue_s = started - it.enqueued

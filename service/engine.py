@@ -7,8 +7,9 @@ OS priority (``bulk_nice``): they may fill every core, yet the event loop and th
 the moment they have work. With one bulk thread per CPU the process may use, each bulk thread is pinned to its
 own CPU: otherwise the kernel, balancing CPUs by priority weight, often stacks both low-priority threads on one
 CPU while the other idles; while single images keep arriving (fewer bulk threads run) they may run on any CPU.
-``calibrate`` times the engine per batch size at warm-up; a batch whose measured cost is under the inline
-budget may run on the event loop instead (service/batcher.py decides).
+``calibrate`` times the engine per batch size at warm-up and ``observe`` keeps those figures true in service;
+a batch whose measured cost is under the inline budget may run on the event loop instead (service/batcher.py
+decides).
 """
 
 from __future__ import annotations
@@ -88,20 +89,35 @@ class Engine:
         # id(model) -> (weak reference to the model, batch size -> seconds): unloaded models are not kept alive
         self._costs: dict[int, tuple[weakref.ref[Model], dict[int, float]]] = {}
 
-    def calibrate(self, model: Model, sizes: Sequence[int], rounds: int = 5) -> dict[int, float]:
-        """Time the engine at each batch size (median of ``rounds``); run in a thread at warm-up."""
+    def calibrate(self, model: Model, sizes: Sequence[int], rounds: int = 7) -> dict[int, float]:
+        """Time the engine at each batch size; run in a thread at warm-up. Each size is timed by the fastest of
+        ``rounds`` calls after an unmeasured one, and a batch never counts as dearer than a larger one: a
+        process warming up beside others (a node starting several pods) is preempted in some calls, and a
+        preempted call says nothing about the engine. ``observe`` corrects the table in service."""
         x = np.zeros((max(sizes), model.n_features), dtype=np.float32)
         table: dict[int, float] = {}
         for n in sorted(set(sizes)):  # ascending: ``cost`` takes the first size that fits
+            model.run(x[:n])
             times = []
             for _ in range(rounds):
                 t0 = time.perf_counter()
                 model.run(x[:n])
                 times.append(time.perf_counter() - t0)
-            table[n] = sorted(times)[rounds // 2]
+            table[n] = min(times)
+        dearest = float("inf")
+        for n in sorted(table, reverse=True):
+            dearest = table[n] = min(table[n], dearest)
         live = {k: v for k, v in self._costs.items() if v[0]() is not None}
         self._costs = live | {id(model): (weakref.ref(model), table)}
         return table
+
+    def observe(self, model: Model, n: int, seconds: float) -> None:
+        """An engine call of ``n`` images took ``seconds`` in service: when ``n`` is a calibrated size, a lower
+        figure replaces its cost at once and a higher one moves it a twentieth of the way, so a call preempted
+        once does not keep cheap batches off the event loop, and a machine that stays slower raises it."""
+        entry = self._costs.get(id(model))
+        if entry is not None and (old := entry[1].get(n)) is not None and entry[0]() is model:
+            entry[1][n] = seconds if seconds < old else old + (seconds - old) / 20
 
     def cost(self, model: Model, n: int) -> float | None:
         """The measured seconds of a batch of ``n`` (the next calibrated size up); None if unmeasured."""

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -449,3 +450,65 @@ async def test_inline_batches_are_observed_together_one_call_per_run_of_one_mode
         (True, 1, [(3, 1)]),
     ]
     assert all(p.shape == (len(x), 10) for _, x, p, _ in calls)
+
+
+class Timed:
+    """A stand-in engine whose calls take ``delay[n]`` seconds for a batch of ``n`` (a preempted warm-up)."""
+
+    n_features = 784
+
+    def __init__(self, delay: dict[int, list[float]]) -> None:
+        self.delay = delay
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        queue = self.delay.get(len(x))
+        if queue:
+            time.sleep(queue.pop(0))
+        return np.zeros((len(x), 10), np.float32)
+
+
+def test_calibration_keeps_the_fastest_call_and_never_ranks_a_batch_dearer_than_a_larger_one() -> None:
+    engine = Engine(1)
+    try:
+        # size 1: every call but one preempted; size 2: never. The warm-up call of each size is not measured.
+        stub = Timed({1: [0.05, 0.05, 0.05, 0.0, 0.05], 2: []})
+        table = engine.calibrate(stub, [1, 2], rounds=4)  # type: ignore[arg-type]
+        assert table[1] < 0.04  # the one call that was not preempted
+        assert table[1] <= table[2]
+        stub = Timed({1: [0.0] + [0.03] * 4, 2: []})  # size 1 preempted in every measured call
+        table = engine.calibrate(stub, [1, 2], rounds=4)  # type: ignore[arg-type]
+        assert table[1] == table[2] < 0.03  # no dearer than the larger batch
+    finally:
+        engine.shutdown()
+
+
+def test_engine_calls_in_service_correct_the_measured_cost() -> None:
+    engine = Engine(1)
+    try:
+        stub = Timed({1: [0.02] * 3, 2: [0.02] * 3})
+        engine.calibrate(stub, [1, 2], rounds=2)  # type: ignore[arg-type]
+        assert engine.cost(stub, 1) >= 0.02  # type: ignore[arg-type,operator]
+        engine.observe(stub, 1, 30e-6)  # type: ignore[arg-type]
+        assert engine.cost(stub, 1) == 30e-6  # type: ignore[arg-type]
+        engine.observe(stub, 1, 0.02)  # type: ignore[arg-type]  # one slow call moves it a twentieth of the way
+        assert engine.cost(stub, 1) == pytest.approx(30e-6 + (0.02 - 30e-6) / 20)  # type: ignore[arg-type]
+        engine.observe(stub, 3, 1e-9)  # type: ignore[arg-type]  # not a calibrated size: nothing to correct
+        assert engine.cost(stub, 3) is None  # type: ignore[arg-type]
+        engine.observe(Timed({}), 1, 1e-9)  # type: ignore[arg-type]  # an uncalibrated model: ignored
+    finally:
+        engine.shutdown()
+
+
+async def test_a_batch_measured_dear_at_warm_up_runs_inline_once_the_engine_is_seen_cheap(model: Model,
+                                                                                           gate: Gate) -> None:  # fmt: skip
+    b = make_batcher(inline_budget_s=0.05)
+    async with running(b, gate):
+        real = gate.run
+        model.run = lambda x: (time.sleep(0.06), real(x))[1]  # type: ignore[method-assign]  # a busy warm-up
+        await asyncio.to_thread(b.engine.calibrate, model, [1], 1)
+        model.run = real  # type: ignore[method-assign]
+        gate.threads.clear()
+        await submit(b, model, images(1))
+        assert gate.threads[-1] != threading.get_ident()  # over the budget: the engine thread, and measured there
+        await submit(b, model, images(1))
+        assert gate.threads[-1] == threading.get_ident()  # now known cheap: inline, in the caller's task
