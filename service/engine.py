@@ -113,11 +113,12 @@ class Engine:
 
     def observe(self, model: Model, n: int, seconds: float) -> None:
         """An engine call of ``n`` images took ``seconds`` in service: when ``n`` is a calibrated size, a lower
-        figure replaces its cost at once and a higher one moves it a twentieth of the way, so a call preempted
-        once does not keep cheap batches off the event loop, and a machine that stays slower raises it."""
+        figure replaces its cost at once and a higher one moves it a twentieth of the way, by at most 10%: a call
+        preempted once (a busy node, a sampling profiler stopping the process) does not keep cheap batches off
+        the event loop, and a machine that stays slower raises it within a few dozen calls."""
         entry = self._costs.get(id(model))
         if entry is not None and (old := entry[1].get(n)) is not None and entry[0]() is model:
-            entry[1][n] = seconds if seconds < old else old + (seconds - old) / 20
+            entry[1][n] = seconds if seconds < old else min(old * 1.1, old + (seconds - old) / 20)
 
     def cost(self, model: Model, n: int) -> float | None:
         """The measured seconds of a batch of ``n`` (the next calibrated size up); None if unmeasured."""
