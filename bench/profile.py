@@ -79,6 +79,7 @@ def summarize(collapsed: Path, top: int = 15) -> dict[str, object]:
     return {
         "samples": total,
         "loop": loop_areas(collapsed),
+        "bulk_threads": loop_areas(collapsed, "engine-bulk"),
         "threads": {k: v for k, v in threads.most_common(10)},
         "own": [(k, round(v / total, 4)) for k, v in own.most_common(top)] if total else [],
         "inclusive": [(k, round(v / total, 4)) for k, v in incl.most_common(top * 2)] if total else [],
@@ -95,15 +96,16 @@ def _area(frame: str) -> str:
     return path.split("/", 1)[0].removesuffix(".py") or frame
 
 
-def loop_areas(collapsed: Path) -> dict[str, object]:
-    """The event-loop thread's (``MainThread``) samples: the share spent waiting for events (``idle``), and its
-    busy samples by the area of the running frame (``_area``), largest first."""
+def loop_areas(collapsed: Path, thread: str = "MainThread") -> dict[str, object]:
+    """The samples of the threads whose name contains ``thread`` (the event loop's: ``MainThread``): the share
+    spent waiting for events (``idle``: the selector), and the busy samples by the area of the running frame
+    (``_area``), largest first. For engine threads, waiting for work shows as ``concurrent`` (the pool's queue)."""
     areas: Counter[str] = Counter()
     idle = 0
     for line in collapsed.read_text(errors="replace").splitlines():
         stack, _, count_s = line.rpartition(" ")
         frames = stack.split(";")
-        if not count_s.isdigit() or len(frames) < 2 or "MainThread" not in frames[0]:
+        if not count_s.isdigit() or len(frames) < 2 or thread not in frames[0]:
             continue
         if frames[-1].startswith(("EpollSelector.select ", "select ")) and "selectors.py" in frames[-1]:
             idle += int(count_s)
@@ -127,4 +129,18 @@ def format_summary(summary: dict[str, object]) -> str:
     inclusive = summary.get("inclusive") or []
     assert isinstance(inclusive, list)
     lines += [f"  {share * 100:5.1f}%  {name}" for name, share in inclusive]
+    for key, title in (
+        ("loop", "event-loop thread: {n} samples, idle {idle:.1f}%; busy by area:"),
+        ("bulk_threads", "bulk engine threads: {n} samples by area (concurrent: waiting for work):"),
+    ):
+        part = summary.get(key)
+        if isinstance(part, dict) and part.get("busy_by_area"):
+            lines.append(title.format(n=part["samples"], idle=part["idle"] * 100))
+            lines += [f"  {share * 100:5.1f}%  {name}" for name, share in part["busy_by_area"]]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m bench.profile STACKS...: the summary of raw py-spy stacks already taken
+    for arg in sys.argv[1:]:
+        print(f"== {arg}")
+        print(format_summary(summarize(Path(arg))))

@@ -301,6 +301,10 @@ def markdown(result: dict[str, Any]) -> str:
         if loop.get("busy_by_area"):
             out.append(f"- event-loop thread ({loop['samples']} samples, idle {loop['idle'] * 100:.1f}%), busy by "
                        "area: " + "; ".join(f"{k} {v * 100:.1f}%" for k, v in loop["busy_by_area"]))  # fmt: skip
+        bulk = summary.get("bulk_threads") or {}
+        if bulk.get("busy_by_area"):
+            out.append(f"- bulk engine threads ({bulk['samples']} samples; `concurrent` = waiting for work), by "
+                       "area: " + "; ".join(f"{k} {v * 100:.1f}%" for k, v in bulk["busy_by_area"]))  # fmt: skip
     return "\n".join(out)
 
 

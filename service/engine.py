@@ -7,7 +7,7 @@ OS priority (``bulk_nice``): they may fill every core, yet the event loop and th
 the moment they have work. With one bulk thread per CPU the process may use, each bulk thread is pinned to its
 own CPU: otherwise the kernel, balancing CPUs by priority weight, often stacks both low-priority threads on one
 CPU while the other idles; while single images keep arriving (fewer bulk threads run) they may run on any CPU.
-``calibrate`` times the engine per batch size at warm-up and ``observe`` keeps those figures true in service;
+``calibrate`` times the engine per batch size at warm-up and ``observe`` lowers a figure a quick call disproves;
 a batch whose measured cost is under the inline budget may run on the event loop instead (service/batcher.py
 decides).
 """
@@ -112,13 +112,13 @@ class Engine:
         return table
 
     def observe(self, model: Model, n: int, seconds: float) -> None:
-        """An engine call of ``n`` images took ``seconds`` in service: when ``n`` is a calibrated size, a lower
-        figure replaces its cost at once and a higher one moves it a twentieth of the way, by at most 10%: a call
-        preempted once (a busy node, a sampling profiler stopping the process) does not keep cheap batches off
-        the event loop, and a machine that stays slower raises it within a few dozen calls."""
+        """An engine call of ``n`` images took ``seconds`` in service: when ``n`` is a calibrated size and the call
+        was faster than its measured cost, that cost comes down to it (a warm-up slowed by a busy machine is
+        corrected by the first quick call). A slower call changes nothing: its time includes whatever preempted
+        it, or, on an engine thread, the wait to take the interpreter lock back from the event loop."""
         entry = self._costs.get(id(model))
-        if entry is not None and (old := entry[1].get(n)) is not None and entry[0]() is model:
-            entry[1][n] = seconds if seconds < old else min(old * 1.1, old + (seconds - old) / 20)
+        if entry is not None and (old := entry[1].get(n)) is not None and seconds < old and entry[0]() is model:
+            entry[1][n] = seconds
 
     def cost(self, model: Model, n: int) -> float | None:
         """The measured seconds of a batch of ``n`` (the next calibrated size up); None if unmeasured."""

@@ -482,7 +482,7 @@ def test_calibration_keeps_the_fastest_call_and_never_ranks_a_batch_dearer_than_
         engine.shutdown()
 
 
-def test_engine_calls_in_service_correct_the_measured_cost() -> None:
+def test_a_quick_engine_call_in_service_lowers_the_measured_cost_and_a_slow_one_does_not_raise_it() -> None:
     engine = Engine(1)
     try:
         stub = Timed({1: [0.02] * 3, 2: [0.02] * 3})
@@ -490,13 +490,8 @@ def test_engine_calls_in_service_correct_the_measured_cost() -> None:
         assert engine.cost(stub, 1) >= 0.02  # type: ignore[arg-type,operator]
         engine.observe(stub, 1, 30e-6)  # type: ignore[arg-type]
         assert engine.cost(stub, 1) == 30e-6  # type: ignore[arg-type]
-        engine.observe(stub, 1, 0.02)  # type: ignore[arg-type]  # one call preempted: up by at most 10%
-        assert engine.cost(stub, 1) == pytest.approx(33e-6)  # type: ignore[arg-type]
-        engine.observe(stub, 1, 35e-6)  # type: ignore[arg-type]  # a little slower: a twentieth of the way
-        assert engine.cost(stub, 1) == pytest.approx(33e-6 + 2e-6 / 20)  # type: ignore[arg-type]
-        for _ in range(30):  # a machine that stays slower: the figure follows
-            engine.observe(stub, 1, 0.02)  # type: ignore[arg-type]
-        assert engine.cost(stub, 1) > 500e-6  # type: ignore[arg-type,operator]
+        engine.observe(stub, 1, 0.02)  # type: ignore[arg-type]  # preempted, or waiting for the interpreter lock
+        assert engine.cost(stub, 1) == 30e-6  # type: ignore[arg-type]
         engine.observe(stub, 3, 1e-9)  # type: ignore[arg-type]  # not a calibrated size: nothing to correct
         assert engine.cost(stub, 3) is None  # type: ignore[arg-type]
         engine.observe(Timed({}), 1, 1e-9)  # type: ignore[arg-type]  # an uncalibrated model: ignored
