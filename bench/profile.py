@@ -78,8 +78,8 @@ def summarize(collapsed: Path, top: int = 15) -> dict[str, object]:
             incl[f] += n
     return {
         "samples": total,
-        "loop": loop_areas(collapsed),
-        "bulk_threads": loop_areas(collapsed, "engine-bulk"),
+        "loop": thread_areas(collapsed),
+        "bulk_threads": thread_areas(collapsed, "engine-bulk"),
         "threads": {k: v for k, v in threads.most_common(10)},
         "own": [(k, round(v / total, 4)) for k, v in own.most_common(top)] if total else [],
         "inclusive": [(k, round(v / total, 4)) for k, v in incl.most_common(top * 2)] if total else [],
@@ -96,7 +96,7 @@ def _area(frame: str) -> str:
     return path.split("/", 1)[0].removesuffix(".py") or frame
 
 
-def loop_areas(collapsed: Path, thread: str = "MainThread") -> dict[str, object]:
+def thread_areas(collapsed: Path, thread: str = "MainThread") -> dict[str, object]:
     """The samples of the threads whose name contains ``thread`` (the event loop's: ``MainThread``): the share
     spent waiting for events (``idle``: the selector), and the busy samples by the area of the running frame
     (``_area``), largest first. For engine threads, waiting for work shows as ``concurrent`` (the pool's queue)."""

@@ -261,7 +261,7 @@ def test_profile_groups_the_event_loop_thread_by_area(tmp_path: Path) -> None:
         "thread (1): MainThread;_run_once (asyncio/base_events.py:1922) 1\n"
         "thread (2): engine-bulk;compute (service/engine.py:170) 7\n"  # another thread: not the loop's
     )
-    loop = profile.loop_areas(raw)
+    loop = profile.thread_areas(raw)
     assert loop["samples"] == 10
     assert loop["idle"] == 0.5
     assert loop["busy_by_area"] == [("service/decode.py", 0.6), ("onnxruntime", 0.2), ("asyncio", 0.2)]
