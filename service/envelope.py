@@ -50,6 +50,7 @@ def split(body: bytes, declared: str | None) -> tuple[bytes, bytes]:
 
 
 def multipart_file(body: bytes, content_type: str, field: str = "file") -> bytes:
+    """The bytes of the ``field`` part of a ``multipart/form-data`` body (its boundary from ``content_type``)."""
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
