@@ -233,3 +233,23 @@ def test_decoder_table_by_media_type() -> None:
         decode.decode(decode.SINGLE, "application/json", b"{", SHAPE)
     with pytest.raises(InvalidInput):
         decode.decode(decode.MANY, "application/json", orjson.dumps({"images": []}), SHAPE)
+
+
+def test_the_kept_json_parser_survives_refused_bodies_and_keeps_no_bulk_buffers() -> None:
+    """Small bodies share one simdjson parser per thread: every refusal leaves it usable, and a body over
+    ``REUSED_PARSER_BYTES`` is parsed by a parser of its own (the kept one never grows to bulk size)."""
+    good = orjson.dumps({"image": image(0.25)})
+    refused = [b"{", b'{"image": [1, "x"]}', b'{"image": [[0.1, 0.2], [0.3]]}', b'{"image": true}', b"[1, 2]",
+               b'{"image": [1e999]}', orjson.dumps({"image": image(0.5)[:-1]})]  # fmt: skip
+    for body in refused:
+        with pytest.raises((MalformedBody, InvalidInput)):
+            decode.decode(decode.SINGLE, "application/json", body, SHAPE)
+        x = decode.decode(decode.SINGLE, "application/json", good, SHAPE)
+        np.testing.assert_array_equal(x, np.full((1, 784), 0.25, np.float32))
+    kept = decode._parser(len(good))
+    assert decode._parser(10) is kept
+    assert decode._parser(decode.REUSED_PARSER_BYTES + 1) is not kept
+    big = orjson.dumps({"images": [image(0.75)] * 4})  # ~20 KB: still the kept parser's
+    assert len(big) <= decode.REUSED_PARSER_BYTES
+    assert decode.decode(decode.MANY, "application/json", big, SHAPE).shape == (4, 784)
+    assert decode._parser(10) is kept
