@@ -193,14 +193,6 @@ class Edge:
         self.state = state
         self.fast = fast  # (method, path) -> app, matched exactly
         self.infer = infer  # POST /v2/models/{name}[/versions/{v}]/infer
-        self._series: dict[str, Any] = {}
-
-    def _route_series(self, svc: ServiceState, route: str) -> Any:
-        series = self._series.get(route)
-        if series is None:
-            m = svc.metrics
-            series = self._series[route] = (m.http_in_progress.labels(route), m.http_duration.labels(route), {})
-        return series
 
     def _dispatch(self, scope: Scope) -> ASGIApp:
         method, path = scope["method"], scope["path"]
@@ -246,10 +238,9 @@ class Edge:
                 message["headers"] = headers
             await send(message)
 
-        route = route_label(scope["path"])
-        series = self._route_series(svc, route) if svc is not None else None
-        if series is not None:
-            series[0].inc()
+        stats = svc.metrics.stats.route(route_label(scope["path"])) if svc is not None else None
+        if stats is not None:
+            stats.in_progress += 1
         try:
             await self._dispatch(scope)(scope, receive, send_wrapper)
         except Exception as exc:
@@ -261,15 +252,7 @@ class Edge:
                 await send_reply(send_wrapper, json_reply(body, status=500))
         finally:
             elapsed = time.perf_counter() - start
-            if series is not None and svc is not None:
-                series[0].dec()
-                series[1].observe(elapsed)
-                counters = series[2]
-                child = counters.get((scope["method"], status))
-                if child is None:
-                    child = counters[(scope["method"], status)] = svc.metrics.http_requests.labels(
-                        route, scope["method"], str(status)
-                    )
-                child.inc()
+            if stats is not None and svc is not None:
+                svc.metrics.stats.finished(stats, scope["method"], status, elapsed)
             if svc is not None and svc.access_log is not None:
                 svc.access_log.write(rid, scope["method"], scope["path"], status, elapsed, client(scope))

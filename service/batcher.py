@@ -222,7 +222,7 @@ class Batcher(Queues):
             return
         seconds = time.perf_counter() - start
         self.inline_max_s = max(self.inline_max_s, seconds)
-        self._metrics.inline_batches.inc()
+        self._metrics.stats.inline_batches += 1
         self._deliver(batch, x, probs, started, seconds)
         self._observations.inline(loop, batch, x, probs)
 

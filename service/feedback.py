@@ -12,6 +12,7 @@ demand a quorum (docs/observability.md).
 from __future__ import annotations
 
 import base64
+import binascii
 import hmac
 import secrets
 import struct
@@ -33,6 +34,7 @@ SLOT_BYTES = 28
 BYTES_PER_SLOT = 64
 #: Most clients tracked by the rate limiter; the least recently seen is forgotten beyond it.
 MAX_CLIENTS = 10_000
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 class Remembered:
@@ -45,6 +47,7 @@ class Remembered:
         self.slots = max(1, max_bytes // BYTES_PER_SLOT)
         self.capacity = max(1, max_bytes - self.slots * SLOT_BYTES)  # label bytes
         self._tags = np.zeros((self.slots, 16), np.uint8)
+        self._tag_bytes = self._tags.data.cast("B")  # the same memory, written without NumPy
         self._ends = np.zeros(self.slots, np.int64)  # absolute offset after its labels; 0 = empty (pages stay lazy)
         self._lengths = np.zeros(self.slots, np.uint32)
         self._labels = np.zeros(self.capacity, np.uint8)
@@ -67,18 +70,22 @@ class Remembered:
         slot = self._next % self.slots
         self._next += 1
         tag, n, start = self._tag(), len(labels), self._written
-        self._tags[slot] = np.frombuffer(tag, np.uint8)
+        self._tag_bytes[16 * slot : 16 * slot + 16] = tag
         self._lengths[slot] = n
         if n > self.capacity:  # cannot be kept: the id is issued, feedback on it finds nothing
             self._ends[slot] = 0
         else:
             self._ends[slot] = start + n
             at = start % self.capacity
-            first = min(n, self.capacity - at)
-            self._labels[at : at + first] = labels[:first]
-            self._labels[: n - first] = labels[first:]
+            if n == 1:
+                self._labels[at] = labels[0]
+            else:
+                first = min(n, self.capacity - at)
+                self._labels[at : at + first] = labels[:first]
+                self._labels[: n - first] = labels[first:]
             self._written += n
-        return base64.urlsafe_b64encode(struct.pack("<I", slot) + tag).rstrip(b"=").decode()
+        # base64url of slot and tag (20 bytes: 27 characters once the one "=" of padding is dropped)
+        return binascii.b2a_base64(slot.to_bytes(4, "little") + tag, newline=False)[:27].translate(_URLSAFE).decode()
 
     def get(self, prediction_id: str, index: int) -> int | None:
         """The label answered for image ``index`` of that prediction; None if unknown or forgotten."""

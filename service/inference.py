@@ -64,7 +64,6 @@ class Core:
         self.settings = state.settings
         self.metrics = state.metrics
         self._shapes: dict[int, decode.Shape] = {}
-        self._transport = {t: state.metrics.inference_requests.labels(t) for t in ("http", "grpc")}
 
     @property
     def registry(self) -> ModelRegistry:
@@ -163,9 +162,9 @@ class Core:
         One image is interactive work, more is bulk (``bulk`` overrides). ``gone()`` returning True drops the
         work before compute. Raises the service's errors (503 refused, 504 past the deadline, 499 gone, 500).
         """
-        counter = self._transport.get(transport)
-        if counter is not None:
-            counter.inc()
+        requests = self.metrics.stats.requests
+        if transport in requests:
+            requests[transport] += 1
         n = images.shape[0]
         loop = asyncio.get_running_loop()
         probs, queue_s, inference_s, batch_n = await self.state.batcher.submit(

@@ -11,14 +11,15 @@ methods and the statuses the service emits, drop reasons, queues, classes) is in
 from __future__ import annotations
 
 import bisect
+import itertools
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -106,6 +107,109 @@ class _QueueWaitCollector(Collector):
         yield self._hist.family("mnist_queue_wait_seconds", "Time a request waited in the batch queue.")
 
 
+class PlainHistogram:
+    """A histogram as plain numbers, for one writer thread (the event loop); ``add_to`` reads a copy."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = [float(b) for b in bounds]
+        self.counts = [0] * (len(self.bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # a value on a bound counts in it
+        self.sum += value
+
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
+        counts, total = list(self.counts), self.sum
+        les = [*map(repr, self.bounds), "+Inf"]
+        family.add_metric(labels, list(zip(les, itertools.accumulate(counts), strict=True)), sum_value=total)
+
+
+class RouteStats:
+    """One route's HTTP series: requests in progress, their duration, and how many ended with each status."""
+
+    __slots__ = ("done", "duration", "in_progress")
+
+    def __init__(self, method: str, statuses: Iterable[str]) -> None:
+        self.in_progress = 0
+        self.duration = PlainHistogram(LATENCY_BUCKETS)
+        self.done: dict[tuple[str, str], int] = dict.fromkeys(((method, s) for s in statuses), 0)
+
+
+class LoopStats(Collector):
+    """The series every request or every batch updates: HTTP requests by route, method and status, their
+    duration and how many are in progress; engine calls (size, time, inline or not, images and calls per model
+    version); inference requests by transport. A prometheus_client counter, gauge or histogram takes a lock and
+    checks its arguments on each update, about ten times per request here; these are plain numbers that the
+    event loop alone writes and this collector reads at scrape time (a copy of a list or dict is atomic under
+    the GIL)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, RouteStats] = {}
+        for route in ROUTES:
+            method, statuses = ("POST", POST_STATUSES) if route in POST_ROUTES else ("GET", GET_STATUSES)
+            self.routes[route] = RouteStats(method, statuses)
+        self.batch_size = PlainHistogram(BATCH_BUCKETS)
+        self.inference = PlainHistogram(LATENCY_BUCKETS)
+        self.inline_batches = 0
+        self.requests = {"http": 0, "grpc": 0}  # inference requests admitted, by transport
+        self.versions: dict[tuple[str, str], list[int]] = {}  # (model, version) -> [images, engine calls]
+
+    def route(self, route: str) -> RouteStats:
+        stats = self.routes.get(route)
+        if stats is None:  # a label asgi.route_label adds later: no statuses known up front
+            stats = self.routes[route] = RouteStats("GET", ())
+        return stats
+
+    def finished(self, stats: RouteStats, method: str, status: int, seconds: float) -> None:
+        stats.in_progress -= 1
+        stats.duration.observe(seconds)
+        key = (method, str(status))
+        stats.done[key] = stats.done.get(key, 0) + 1
+
+    def version(self, name: str, version: str) -> list[int]:
+        return self.versions.setdefault((name, version), [0, 0])
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["route", "method", "status"]
+        requests = CounterMetricFamily(
+            "http_requests", "HTTP requests by route, method and status code.", labels=labels
+        )
+        duration = HistogramMetricFamily(
+            "http_request_duration_seconds", "HTTP request duration by route.", labels=["route"]
+        )
+        progress = GaugeMetricFamily(
+            "http_requests_in_progress", "HTTP requests being served, by route.", labels=["route"]
+        )
+        for route, stats in list(self.routes.items()):
+            for (method, status), n in list(stats.done.items()):
+                requests.add_metric([route, method, status], n)
+            stats.duration.add_to(duration, [route])
+            progress.add_metric([route], stats.in_progress)
+        yield from (requests, duration, progress)
+        size = HistogramMetricFamily("mnist_batch_size_images", "Images per engine call.")
+        self.batch_size.add_to(size, [])
+        seconds = HistogramMetricFamily("mnist_inference_seconds", "Time of one engine call.")
+        self.inference.add_to(seconds, [])
+        yield from (size, seconds)
+        yield CounterMetricFamily("mnist_inline_batches", "Engine calls run on the event loop (measured cheaper "
+                                  "than a thread hand-off).", value=self.inline_batches)  # fmt: skip
+        transports = CounterMetricFamily("mnist_inference_requests", "Inference requests admitted, by transport.",
+                                         labels=["transport"])  # fmt: skip
+        for transport, n in list(self.requests.items()):
+            transports.add_metric([transport], n)
+        images = CounterMetricFamily(
+            "mnist_images_processed", "Images run through the model.", labels=["model", "version"]
+        )
+        calls = CounterMetricFamily("mnist_batches", "Engine calls.", labels=["model", "version"])
+        for key, (n_images, n_calls) in list(self.versions.items()):
+            images.add_metric(list(key), n_images)
+            calls.add_metric(list(key), n_calls)
+        yield from (transports, images, calls)
+
+
 class Metrics:
     """Every metric of the service except the quality ones (service/quality.py), on one registry."""
 
@@ -121,49 +225,15 @@ class Metrics:
         GCCollector(registry=r)
         self.started = time.time()
 
-        # ---------------------------------------------------------------- HTTP (observed by app.Observability)
-        self.http_requests = Counter(
-            "http_requests", "HTTP requests by route, method and status code.", ["route", "method", "status"],
-            registry=r,
-        )  # fmt: skip
-        self.http_duration = Histogram(
-            "http_request_duration_seconds", "HTTP request duration by route.", ["route"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.http_in_progress = Gauge(
-            "http_requests_in_progress", "HTTP requests being served, by route.", ["route"], registry=r
-        )
-        for route in ROUTES:
-            self.http_duration.labels(route)
-            self.http_in_progress.labels(route)
-            method, statuses = ("POST", POST_STATUSES) if route in POST_ROUTES else ("GET", GET_STATUSES)
-            for status in statuses:
-                self.http_requests.labels(route, method, status)
-
-        # ---------------------------------------------------------------- batching and engine (batcher.py)
-        self.batch_size = Histogram(
-            "mnist_batch_size_images", "Images per engine call.", buckets=BATCH_BUCKETS, registry=r
-        )
-        self.inference = Histogram(
-            "mnist_inference_seconds", "Time of one engine call.", buckets=LATENCY_BUCKETS, registry=r
-        )
+        # ------------------------------------------ HTTP (asgi.Edge), batching and engine (batcher.py, inference.py)
+        self.stats = LoopStats()
+        r.register(self.stats)
         self.queue_wait = NumpyHistogram(LATENCY_BUCKETS)
         r.register(_QueueWaitCollector(self.queue_wait))
         depth = Gauge("mnist_queue_depth_images", "Images waiting in the batch queue.", ["queue"], registry=r)
         self.queue_depth = tuple(depth.labels(q) for q in QUEUES)  # index 0 = interactive, 1 = bulk
-        self.images = Counter(
-            "mnist_images_processed", "Images run through the model.", ["model", "version"], registry=r
-        )
-        self.batches = Counter("mnist_batches", "Engine calls.", ["model", "version"], registry=r)
-        self.inline_batches = Counter(
-            "mnist_inline_batches", "Engine calls run on the event loop (measured cheaper than a thread hand-off).",
-            registry=r,
-        )  # fmt: skip
         self.inline_max = Gauge(
             "mnist_inline_batch_max_seconds", "Longest engine call run on the event loop: its worst stall.", registry=r
-        )
-        self.inference_requests = Counter(
-            "mnist_inference_requests", "Inference requests admitted, by transport.", ["transport"], registry=r
         )
         dropped = Counter(
             "mnist_requests_dropped", "Requests refused, timed out or cancelled, by reason.", ["reason"], registry=r
@@ -178,22 +248,20 @@ class Metrics:
         self.ready = Gauge(
             "mnist_ready", "1 when the model is loaded and warm and the service is not draining.", registry=r
         )
-        self._per_model: dict[int, tuple[Any, Any]] = {}  # id(model) -> (images, batches) children
+        self._per_model: dict[int, list[int]] = {}  # id(model) -> its version's [images, engine calls]
         uptime = Gauge("mnist_uptime_seconds", "Seconds since the service started.", registry=r)
         uptime.set_function(lambda: time.time() - self.started)
 
     def observe_batch(self, model: Model, n: int, seconds: float, waits: list[float]) -> None:
         """One engine call of ``n`` images that took ``seconds``; ``waits`` = each request's queue time."""
-        self.batch_size.observe(n)
-        self.inference.observe(seconds)
+        self.stats.batch_size.observe(n)
+        self.stats.inference.observe(seconds)
         self.queue_wait.observe_many(waits)
-        children = self._per_model.get(id(model))
-        if children is None:
-            children = self._per_model[id(model)] = (
-                self.images.labels(model.name, model.version), self.batches.labels(model.name, model.version)
-            )  # fmt: skip
-        children[0].inc(n)
-        children[1].inc()
+        counts = self._per_model.get(id(model))
+        if counts is None:
+            counts = self._per_model[id(model)] = self.stats.version(model.name, model.version)
+        counts[0] += n
+        counts[1] += 1
 
     def set_models(self, models: Iterable[Model], default: Model) -> None:
         """Publish the loaded versions (``mnist_model_info``) and initialise their per-model counters."""
@@ -201,5 +269,4 @@ class Metrics:
         self.model_info.clear()
         for m in models:
             self.model_info.labels(m.name, m.version, m.sha256, m.provider).set(1 if m is default else 0)
-            self.images.labels(m.name, m.version)
-            self.batches.labels(m.name, m.version)
+            self.stats.version(m.name, m.version)

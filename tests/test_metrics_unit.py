@@ -102,6 +102,39 @@ def test_numpy_histogram_rejects_bad_bounds_and_ignores_empty_batches() -> None:
 
 
 # ----------------------------------------------------------------------------------------- Metrics
+def test_http_stats_match_what_prometheus_client_would_expose() -> None:
+    """The edge's plain-number HTTP series scrape exactly as prometheus_client's own counter, histogram and gauge
+    would: same names, labels, cumulative buckets (a value on a bound counts in it) and sum."""
+    m = Metrics()
+    ref_registry = CollectorRegistry()
+    reference = Histogram("ref", "ref", buckets=LATENCY_BUCKETS, registry=ref_registry)
+    stats = m.stats.route("/v1/predict")
+    for seconds, status in ((0.0001, 200), (0.0003, 200), (0.002, 422), (20.0, 504)):
+        stats.in_progress += 1
+        m.stats.finished(stats, "POST", status, seconds)
+        reference.observe(seconds)
+    stats.in_progress += 1  # one still being served
+    late = m.stats.route("/not-a-known-route")
+    late.in_progress += 1
+    m.stats.finished(late, "PATCH", 405, 0.5)
+    s = samples(m.registry)
+    counts = {(lb["route"], lb["method"], lb["status"]): v for lb, v in s["http_requests_total"]}
+    assert counts[("/v1/predict", "POST", "200")] == 2
+    assert counts[("/v1/predict", "POST", "422")] == 1
+    assert counts[("/v1/predict", "POST", "504")] == 1
+    assert counts[("/v1/predict", "POST", "503")] == 0
+    assert counts[("/not-a-known-route", "PATCH", "405")] == 1
+    ours = {lb["le"]: v for lb, v in s["http_request_duration_seconds_bucket"] if lb["route"] == "/v1/predict"}
+    theirs = {lb["le"]: v for lb, v in samples(ref_registry)["ref_bucket"]}
+    assert ours == theirs
+    assert ours["0.0001"] == 1
+    assert ours["+Inf"] == 4
+    total = {lb["route"]: v for lb, v in s["http_request_duration_seconds_sum"]}
+    assert total["/v1/predict"] == pytest.approx(20.0024)
+    progress = {lb["route"]: v for lb, v in s["http_requests_in_progress"]}
+    assert progress == {**dict.fromkeys(ROUTES, 0), "/v1/predict": 1, "/not-a-known-route": 0}
+
+
 def test_every_label_value_is_initialised_before_any_traffic() -> None:
     s = samples(Metrics().registry)
     http = {(lb["route"], lb["method"], lb["status"]) for lb, _ in s["http_requests_total"]}
