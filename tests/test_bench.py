@@ -266,3 +266,21 @@ def test_profile_groups_the_event_loop_thread_by_area(tmp_path: Path) -> None:
     assert loop["idle"] == 0.5
     assert loop["busy_by_area"] == [("service/decode.py", 0.6), ("onnxruntime", 0.2), ("asyncio", 0.2)]
     assert profile.summarize(raw)["loop"] == loop
+
+
+def test_inprocess_measures_each_checkout_in_turn(tmp_path: Path) -> None:
+    """Two "checkouts" (the same tree twice) take turns; each round is a real request loop that answered 200."""
+    repo = tmp_path / "repo"
+    write_model(repo, "tiny", "1")
+    cmd = [sys.executable, "-m", "bench.inprocess", "--model-repository", str(repo), "--out", str(tmp_path),
+           "--requests", "50", "--rounds", "2", "--source", str(ROOT), "--source", str(ROOT / ".")]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300).stdout
+    report = json.loads((tmp_path / "inprocess.json").read_text())
+    assert report["command"].startswith("python -m bench.inprocess")
+    assert report["requests_per_round"] == 50
+    assert len(report["sources"]) == 2
+    for source in report["sources"]:
+        assert len(source["rounds_us_per_request"]) == 2
+        assert source["best_us_per_request"] == min(source["rounds_us_per_request"]) > 0
+        assert source["commit"] != "unknown"
+    assert out.count("round ") == 4
