@@ -174,7 +174,7 @@ def _json_image(image: list[Any], shape: Shape, what: str) -> np.ndarray:
 
 
 def in_unit_range(x: np.ndarray) -> bool:
-    """Every value in [0, 1] (NaN fails both). The ufuncs' reduce: ``x.min()`` adds a layer as dear as it."""
+    """Every value in [0, 1] (NaN fails both); the ufuncs' reduce, without the Python layer of ``x.min()``."""
     return bool(x.size and _MIN(x, axis=None) >= 0.0 and _MAX(x, axis=None) <= 1.0)
 
 
