@@ -64,19 +64,11 @@ class NumpyHistogram:
         self.bounds = np.asarray(bounds, dtype=np.float64)
         if self.bounds.ndim != 1 or len(self.bounds) == 0 or np.any(np.diff(self.bounds) <= 0):
             raise ValueError("histogram bounds must be a non-empty, strictly increasing sequence")
-        self._bounds = [float(b) for b in self.bounds]
         self._counts = np.zeros(len(bounds) + 1, dtype=np.int64)
         self._sum = 0.0
         self._lock = threading.Lock()
 
     def observe_many(self, values: np.ndarray | Sequence[float]) -> None:
-        if isinstance(values, list) and len(values) <= 16:  # a few values: cheaper without NumPy
-            bounds = self._bounds
-            with self._lock:
-                for value in values:
-                    self._counts[bisect.bisect_left(bounds, value)] += 1
-                    self._sum += value
-            return
         v = np.asarray(values, dtype=np.float64).ravel()
         if v.size == 0:
             return
@@ -99,16 +91,9 @@ class NumpyHistogram:
         return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
 
 
-class _QueueWaitCollector(Collector):
-    def __init__(self, hist: NumpyHistogram) -> None:
-        self._hist = hist
-
-    def collect(self) -> Iterable[Metric]:
-        yield self._hist.family("mnist_queue_wait_seconds", "Time a request waited in the batch queue.")
-
-
 class PlainHistogram:
-    """A histogram as plain numbers, for one writer thread (the event loop); ``add_to`` reads a copy."""
+    """A histogram as plain numbers, for one writer thread (the event loop); ``add_to`` reads a copy.
+    ``NumpyHistogram`` is the one for whole arrays written from any thread (the quality statistics)."""
 
     __slots__ = ("bounds", "counts", "sum")
 
@@ -120,6 +105,10 @@ class PlainHistogram:
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1  # a value on a bound counts in it
         self.sum += value
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        for value in values:
+            self.observe(value)
 
     def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
         counts, total = list(self.counts), self.sum
@@ -141,7 +130,7 @@ class RouteStats:
 class LoopStats(Collector):
     """The series every request or every batch updates: HTTP requests by route, method and status, their
     duration and how many are in progress; engine calls (size, time, inline or not, images and calls per model
-    version); inference requests by transport. A prometheus_client counter, gauge or histogram takes a lock and
+    version); each request's wait in the queue; inference requests by transport. A prometheus_client counter, gauge or histogram takes a lock and
     checks its arguments on each update, about ten times per request here; these are plain numbers that the
     event loop alone writes and this collector reads at scrape time (a copy of a list or dict is atomic under
     the GIL)."""
@@ -153,6 +142,7 @@ class LoopStats(Collector):
             self.routes[route] = RouteStats(method, statuses)
         self.batch_size = PlainHistogram(BATCH_BUCKETS)
         self.inference = PlainHistogram(LATENCY_BUCKETS)
+        self.queue_wait = PlainHistogram(LATENCY_BUCKETS)  # one value per request
         self.inline_batches = 0
         self.requests = {"http": 0, "grpc": 0}  # inference requests admitted, by transport
         self.versions: dict[tuple[str, str], list[int]] = {}  # (model, version) -> [images, engine calls]
@@ -193,7 +183,9 @@ class LoopStats(Collector):
         self.batch_size.add_to(size, [])
         seconds = HistogramMetricFamily("mnist_inference_seconds", "Time of one engine call.")
         self.inference.add_to(seconds, [])
-        yield from (size, seconds)
+        wait = HistogramMetricFamily("mnist_queue_wait_seconds", "Time a request waited in the batch queue.")
+        self.queue_wait.add_to(wait, [])
+        yield from (size, seconds, wait)
         yield CounterMetricFamily("mnist_inline_batches", "Engine calls run on the event loop (measured cheaper "
                                   "than a thread hand-off).", value=self.inline_batches)  # fmt: skip
         transports = CounterMetricFamily("mnist_inference_requests", "Inference requests admitted, by transport.",
@@ -228,8 +220,6 @@ class Metrics:
         # ------------------------------------------ HTTP (asgi.Edge), batching and engine (batcher.py, inference.py)
         self.stats = LoopStats()
         r.register(self.stats)
-        self.queue_wait = NumpyHistogram(LATENCY_BUCKETS)
-        r.register(_QueueWaitCollector(self.queue_wait))
         depth = Gauge("mnist_queue_depth_images", "Images waiting in the batch queue.", ["queue"], registry=r)
         self.queue_depth = tuple(depth.labels(q) for q in QUEUES)  # index 0 = interactive, 1 = bulk
         self.inline_max = Gauge(
@@ -256,7 +246,7 @@ class Metrics:
         """One engine call of ``n`` images that took ``seconds``; ``waits`` = each request's queue time."""
         self.stats.batch_size.observe(n)
         self.stats.inference.observe(seconds)
-        self.queue_wait.observe_many(waits)
+        self.stats.queue_wait.observe_many(waits)
         counts = self._per_model.get(id(model))
         if counts is None:
             counts = self._per_model[id(model)] = self.stats.version(model.name, model.version)
