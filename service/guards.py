@@ -68,18 +68,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_bytes = 0  # request line + headers, as the parser reports them
-        self._head_bytes = 0  # bytes received while the headers were incomplete (what the parser may buffer)
-        self._in_head = True
+        self._head_bytes, self._in_head = 0, True  # bytes received while the headers were incomplete (buffered)
         self._events = 0  # headers-complete / message-complete events: a chunk with one is not all headers
         self._body_bytes = 0
         self._refusal: tuple[int, str, str, str | None, bool] | None = None
         self._early: bytes | None = None  # the gate's 503, a complete response
-        self._held = False
+        self._held, self._on_due = False, self._header_timeout
         self._read_timer: asyncio.TimerHandle | None = None
+        self._due: float | None = None  # when ``_on_due`` runs (loop time); None: no deadline
         self._arm(self.limits.header_timeout_s, self._header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._cancel_timer()
         self._unhold()
         super().connection_lost(exc)
 
@@ -104,17 +104,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._answer(*self._too_large_headers())
 
     # -------------------------------------------------------------- timers
+    # One deadline per connection (headers, body, or a held refusal) and at most one timer handle: a later
+    # deadline arms nothing (the pending handle re-arms for what is left when it fires), so a request on a
+    # kept-alive connection costs no timer of its own.
     def _arm(self, delay_s: float, callback: Any) -> None:
-        self._disarm()
-        self._read_timer = self.loop.call_later(delay_s, callback)
+        self._due, self._on_due = (due := self.loop.time() + delay_s), callback
+        if (handle := self._read_timer) is None or handle.when() > due:
+            self._cancel_timer(keep_due=True)
+            self._read_timer = self.loop.call_at(due, self._fire)
 
-    def _disarm(self) -> None:
+    def _cancel_timer(self, keep_due: bool = False) -> None:
+        self._due = self._due if keep_due else None
         if self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
 
+    def _fire(self) -> None:
+        self._read_timer, due = None, self._due
+        if due is not None and due > self.loop.time():
+            self._read_timer = self.loop.call_at(due, self._fire)
+        elif due is not None:
+            self._due = None
+            self._on_due()
+
     def _header_timeout(self) -> None:
-        self._read_timer = None
         if self.transport.is_closing():
             return
         limit = self.limits.header_timeout_s
@@ -123,7 +136,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._answer(408, "header_timeout", f"request headers must arrive within {limit:g} s", None)
 
     def _body_timeout(self) -> None:
-        self._read_timer = None
         if self.transport.is_closing():
             return
         limit = self.limits.body_timeout_s
@@ -150,7 +162,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._held, type(self).held = False, type(self).held - 1
 
     def _write_refusal(self) -> None:
-        self._disarm()
+        self._due = None
         self._unhold()
         if self._early is not None and not self.transport.is_closing():
             self.transport.write(self._early)
@@ -162,7 +174,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         The request being handled, if any, is marked disconnected first: the app's ``receive`` then returns
         ``http.disconnect`` and whatever it sends is dropped, so two responses never interleave.
         """
-        self._disarm()
+        self._due = None
         if self.transport.is_closing():
             return
         cycle = self.cycle
@@ -199,7 +211,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = 0
-        if self._read_timer is None:  # a request on a kept-alive connection: its headers get the same time
+        if self._due is None:  # a request on a kept-alive connection: its headers get the same time
             self._arm(self.limits.header_timeout_s, self._header_timeout)
 
     def on_url(self, url: bytes) -> None:
@@ -265,7 +277,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._events += 1
         self._in_head = True
         self._head_bytes = 0
-        self._disarm()
+        self._due = None
         super().on_message_complete()
         cycle = self.cycle
         if cycle.response_complete and self.timeout_keep_alive_task is None and not self.transport.is_closing():

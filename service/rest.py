@@ -65,12 +65,14 @@ class Rest:
     async def _infer(self, scope: Scope, receive: Receive, table: dict[str, decode.Decoder]) -> Outcome:
         core = self.core()
         ct = header(scope, b"content-type")
-        if decode.media_type(ct) not in table:
-            raise decode.unsupported(decode.media_type(ct), tuple(table))
-        limit = core.settings.max_json_bytes if decode.media_type(ct) == decode.JSON else core.settings.max_body_bytes
+        media = decode.media_type(ct)
+        if media not in table:
+            raise decode.unsupported(media, tuple(table))
+        limit = core.settings.max_json_bytes if media == decode.JSON else core.settings.max_body_bytes
         admission = core.admit(core.deadline_ms(header(scope, b"x-request-deadline-ms")))
-        core.room_for(decode.media_type(ct), header(scope, b"content-length"), admission.model, limit)
-        body = await read_body(scope, receive, limit)
+        length = header(scope, b"content-length")
+        core.room_for(media, length, admission.model, limit)
+        body = await read_body(scope, receive, limit, length)
         images = await core.decode(table, ct, body, admission.model)
         del body
         return await core.infer(admission, images, gone=gone_probe(receive))
