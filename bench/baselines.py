@@ -10,7 +10,11 @@ same run (``--loop``), the same model and the same ONNX Runtime session options 
 - ``ceiling``: a FastAPI route that reads the same body and returns a canned answer (no parsing, no model):
   the most this framework and server can do on this machine;
 - ``asgi``: the same canned answer from a bare ASGI callable (no FastAPI/Starlette at all): what the HTTP
-  server alone costs.
+  server alone costs;
+- ``lean``: the least a batching server of this model can be: a bare ASGI callable, the service's own decoder
+  (the same 4xx answers), and every request whose body is read in one event-loop iteration answered by one
+  ``session.run`` on the loop; nothing else (no guards, limits, deadlines, ids, metrics or feedback): what the
+  work itself costs on this machine, against which the service's features are measured.
 
 ``--server granian`` serves ``asgi`` under granian instead of uvicorn (bench/granian_serve.py serves the
 service itself under granian).
@@ -21,6 +25,7 @@ Run one: ``python -m bench.baselines --kind careful --model models/mnist-mlp/1 -
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -40,8 +45,8 @@ from service.errors import ServiceError, error_json
 from service.model import _session_options
 from service.settings import Settings, settings_from_args
 
-Kind = Literal["classic", "careful", "ceiling", "asgi"]
-KINDS: tuple[Kind, ...] = ("classic", "careful", "ceiling", "asgi")
+Kind = Literal["classic", "careful", "ceiling", "asgi", "lean"]
+KINDS: tuple[Kind, ...] = ("classic", "careful", "ceiling", "asgi", "lean")
 LOOPS = ("asyncio", "uvloop")
 _JSON = "application/json"
 
@@ -155,6 +160,58 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def lean_app(model_file: Path, settings: Settings | None = None) -> Any:
+    s = settings or settings_from_args([])
+    session = session_for(model_file, s)
+    input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+    shape = decode.Shape(784, 28, 28, s.max_images_per_request, s.max_png_pixels)
+    pending: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
+
+    def run_batch() -> None:  # once per loop iteration that queued work: one engine call for all of it
+        batch = pending[:]
+        pending.clear()
+        x = batch[0][0] if len(batch) == 1 else np.concatenate([b[0] for b in batch])
+        try:
+            probs = session.run([output_name], {input_name: x})[0]
+        except Exception as exc:  # every caller of the batch gets the error
+            for _, fut in batch:
+                fut.set_exception(exc)
+            return
+        for row, (_, fut) in enumerate(batch):
+            if not fut.done():
+                fut.set_result(probs[row])
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/predict":
+            await asgi_app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        ct = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-type"), None)
+        try:
+            x = decode.decode(decode.SINGLE, ct, b"".join(chunks), shape)
+        except ServiceError as exc:
+            status, body = exc.status_code, error_json(exc.code, exc.message, None)
+        else:
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[np.ndarray] = loop.create_future()
+            if not pending:
+                loop.call_soon(run_batch)
+            pending.append((x, fut))
+            probs = await fut
+            status = 200
+            body = orjson.dumps({"label": int(probs.argmax()), "probabilities": probs},
+                                option=orjson.OPT_SERIALIZE_NUMPY)  # fmt: skip
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
 def create_app(kind: Kind, model_file: Path | None, settings: Settings | None = None) -> Any:
     if kind == "ceiling":
         return ceiling_app()
@@ -162,6 +219,8 @@ def create_app(kind: Kind, model_file: Path | None, settings: Settings | None = 
         return asgi_app
     if model_file is None:
         raise ValueError(f"--model is required for {kind}")
+    if kind == "lean":
+        return lean_app(model_file, settings)
     return classic_app(model_file, settings) if kind == "classic" else careful_app(model_file, settings)
 
 

@@ -12,9 +12,9 @@ import matplotlib.pyplot as plt
 
 from bench.report import Point
 
-_DESIGNS = ("service", "careful", "classic", "ceiling", "asgi")
+_DESIGNS = ("service", "lean", "careful", "classic", "ceiling", "asgi")
 _EXTRA = ("service-uvloop", "service-granian", "asgi-granian")
-_COLORS = {"service": "tab:blue", "careful": "tab:orange", "classic": "tab:red", "ceiling": "tab:gray", "asgi": "k",
+_COLORS = {"service": "tab:blue", "lean": "tab:green", "careful": "tab:orange", "classic": "tab:red", "ceiling": "tab:gray", "asgi": "k",
            "service-uvloop": "tab:cyan", "service-granian": "tab:purple", "asgi-granian": "tab:brown"}  # fmt: skip
 _CANNED = ("ceiling", "asgi", "asgi-granian")
 

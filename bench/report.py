@@ -112,12 +112,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def targets(points: list[Point], engine_best_ips: float | None, c_high: int = 64, c_low: int = 1,
-            bulk: int = 1024, mixed_p99_ms: float | None = None) -> list[Target]:  # fmt: skip
-    svc, classic = find(points, "service", "json", c_high), find(points, "classic", "json", c_high)
+            bulk: int = 1024, mixed_p99_ms: float | None = None, design: str = "service") -> list[Target]:  # fmt: skip
+    """The issue's targets for ``design`` (the service; ``lean`` for the reference of what the work alone does)."""
+    svc, classic = find(points, design, "json", c_high), find(points, "classic", "json", c_high)
     ceiling, asgi = find(points, "ceiling", "json", c_high), find(points, "asgi", "json", c_high)
-    svc1, classic1 = find(points, "service", "json", c_low), find(points, "classic", "json", c_low)
-    bulk_pt = find(points, "service", f"bulk-raw-{bulk}", 2)
-    service_points = [p for p in points if p.design == "service" and "py-spy" not in p.note]
+    svc1, classic1 = find(points, design, "json", c_low), find(points, "classic", "json", c_low)
+    bulk_pt = find(points, design, f"bulk-raw-{bulk}", 2)
+    service_points = [p for p in points if p.design == design and "py-spy" not in p.note]
     rss = max(service_points, key=lambda p: p.server_rss_peak_mb, default=None)
 
     def rps(p: Point | None) -> float | None:
@@ -164,6 +165,12 @@ def targets(points: list[Point], engine_best_ips: float | None, c_high: int = 64
         Target("peak RSS, every service load", rss.server_rss_peak_mb if rss else None, 150.0, "MB", False,
                f"highest at {rss.workload} c={rss.concurrency} {rss.note}".rstrip() if rss else ""),
     ]  # fmt: skip
+
+
+def reference_targets(points: list[Point], c_high: int = 64, c_low: int = 1) -> list[Target]:
+    """The single-image targets met by ``lean`` (the least a batching server of this model can be, no features)
+    in the same run: whether a target is within reach of the work itself on this machine."""
+    return [t for t in targets(points, None, c_high, c_low, design="lean") if t.name.startswith("json")]
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -253,6 +260,20 @@ def markdown(result: dict[str, Any]) -> str:
         value = "-" if t["measured"] is None else f"{t['measured']:.3g}{t['unit']}"
         out.append(_md_row([t["name"], value, f"{op} {t['goal']:g}{t['unit']}", "PASS" if t["passed"] else "**MISS**",
                             t["margin"], t["detail"]]))  # fmt: skip
+    if result.get("lean_targets"):
+        out.append("")
+        out.append(
+            "The same single-image targets for `lean` (the work alone, none of the service's features; a "
+            "reference, not a result of the service):"
+        )
+        out.append("")
+        out.append(_md_row(["target (lean)", "measured", "goal", "", "margin", "detail"]))
+        out.append(_md_row(["---", "---:", "---:", "---", "---:", "---"]))
+        for t in result["lean_targets"]:
+            op = ">=" if t["higher_is_better"] else "<="
+            value = "-" if t["measured"] is None else f"{t['measured']:.3g}{t['unit']}"
+            out.append(_md_row([t["name"], value, f"{op} {t['goal']:g}{t['unit']}", "met" if t["passed"] else "missed",
+                                t["margin"], t["detail"]]))  # fmt: skip
     eng = result.get("engine")
     if eng:
         out.append("")

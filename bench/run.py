@@ -4,7 +4,8 @@ targets (PASS/MISS), and writes ``results.json`` and PNG plots to the output fol
 
 Every design runs on the service's event loop (``MNIST_EVENT_LOOP``, or ``--loop``) with the service's ONNX
 Runtime session options, in the same run. Designs: ``service`` (mnist-serve: uvicorn + httptools),
-``classic``, ``careful``, ``ceiling`` (FastAPI canned answer), ``asgi`` (bare ASGI canned answer) (see
+``classic``, ``careful``, ``ceiling`` (FastAPI canned answer), ``asgi`` (bare ASGI canned answer), ``lean``
+(the least a batching server of this model can be: the work without the service's features) (see
 bench/baselines.py); ``service-uvloop`` (the service on the other loop); ``service-granian`` and
 ``asgi-granian`` (the same apps under granian, bench/granian_serve.py).
 
@@ -36,13 +37,13 @@ import onnxruntime as ort
 from bench import engine, grpc_load, plots, profile
 from bench.loadgen import Workload, WrkResult, WrkRun, run_wrk, wrk_binary
 from bench.models import DEFAULT_REPOSITORY, ROOT, ModelUnderTest, find_model, real_digits, write_standin
-from bench.report import Point, best_of_repeats, find, table, targets, targets_table
+from bench.report import Point, best_of_repeats, find, reference_targets, table, targets, targets_table
 from bench.servers import ProcSampler, ServerProc, free_port, mean_batch, scrape, start
 from bench.workloads import bulk_json, bulk_raw, single_json, single_png
 from service.settings import Settings, settings_from_args
 
-#: The designs of the single-image sweep: the first five at every concurrency, the others at ``--extra-concurrency``.
-MAIN_DESIGNS = ("service", "classic", "careful", "ceiling", "asgi")
+#: The designs of the single-image sweep: the first six at every concurrency, the others at ``--extra-concurrency``.
+MAIN_DESIGNS = ("service", "classic", "careful", "ceiling", "asgi", "lean")
 EXTRA_DESIGNS = ("service-uvloop", "service-granian", "asgi-granian")
 DESIGNS = MAIN_DESIGNS + EXTRA_DESIGNS
 SERVICES = ("service", "service-uvloop", "service-granian")  # designs that are the service (they have /metrics)
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1, 64],
         help=f"Connections for {', '.join(EXTRA_DESIGNS)} (default 1,64: both ends).",
     )
-    p.add_argument("--designs", default=",".join(DESIGNS), help="Designs to run (default: all eight).")
+    p.add_argument("--designs", default=",".join(DESIGNS), help="Designs to run (default: all nine).")
     p.add_argument(
         "--loop",
         choices=("asyncio", "uvloop"),
@@ -518,6 +519,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["loops"] = _loops(points, args.high, args.mixed_bulk)
     result["servers_compared"] = _servers(points, args.extra_concurrency)
     result["targets"] = [t.to_dict() for t in ts]
+    lean = reference_targets(points, c_high=args.high, c_low=min(args.concurrency)) if "lean" in designs else []
+    result["lean_targets"] = [t.to_dict() for t in lean]
     result["mixed"] = mixed
     result["profile"] = getattr(bench, "profile", None)
     result["machine"]["loadavg_end"] = os.getloadavg()
@@ -545,6 +548,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for row in result["servers_compared"]:
         print(f"HTTP server: {row}")
     print(targets_table(ts))
+    if lean:
+        print("the same single-image targets for lean (the work alone, none of the service's features; a reference):")
+        print(targets_table(lean))
     cn = result["cpu_normalised"]
     if cn:
         print(

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,17 @@ POINT_KEYS = {
     "loop",
     "server",
 }
-DESIGNS = ("service", "classic", "careful", "ceiling", "asgi", "service-uvloop", "service-granian", "asgi-granian")
+DESIGNS = (
+    "service",
+    "classic",
+    "careful",
+    "ceiling",
+    "asgi",
+    "lean",
+    "service-uvloop",
+    "service-granian",
+    "asgi-granian",
+)
 
 
 @pytest.mark.slow
@@ -155,29 +166,34 @@ BAD_BODIES = {
 
 
 @pytest.mark.slow
-def test_careful_baseline_refuses_what_the_service_refuses(tmp_path: Path) -> None:
-    """The careful design validates with the service's own decoder: same status and error code for each bad
-    body, and the same answer for good bodies (flat and 28x28)."""
+@pytest.mark.parametrize("kind", ["careful", "lean"])
+def test_baselines_with_the_service_decoder_refuse_what_the_service_refuses(tmp_path: Path, kind: str) -> None:
+    """The careful and lean designs validate with the service's own decoder: same status and error code for each
+    bad body, and the same answer for good bodies (flat and 28x28; lean batches those sent at once)."""
     repo = tmp_path / "repo"
     folder = write_model(repo, "tiny", "1")
     env = {"MNIST_MODEL_REPOSITORY": str(repo), "MNIST_MODEL_VERSION": "1"}
     servers: list[ServerProc] = [
         start("service", ["-m", "service.server", "--no-access-log"], tmp_path, env),
-        start("careful", ["-m", "bench.baselines", "--kind", "careful", "--model", str(folder)], tmp_path, env),
+        start(kind, ["-m", "bench.baselines", "--kind", kind, "--model", str(folder)], tmp_path, env),
     ]
     try:
         for s in servers:
             s.wait_ready()
-        svc, careful = (s.url + "/v1/predict" for s in servers)
+        svc, other = (s.url + "/v1/predict" for s in servers)
         for what, body in BAD_BODIES.items():
-            a, b = _post(svc, body), _post(careful, body)
+            a, b = _post(svc, body), _post(other, body)
             assert 400 <= a[0] < 500, (what, a)
             assert a[0] == b[0], (what, a, b)
             assert a[1]["error"]["code"] == b[1]["error"]["code"], (what, a, b)  # type: ignore[index]
         rng = np.random.default_rng(0)
-        image = rng.random(784)
-        for body in (json.dumps({"image": image.tolist()}), json.dumps({"image": image.reshape(28, 28).tolist()})):
-            a, b = _post(svc, body.encode()), _post(careful, body.encode())
+        images = rng.random((8, 784))
+        bodies = [json.dumps({"image": im.tolist() if i % 2 else im.reshape(28, 28).tolist()}).encode()
+                  for i, im in enumerate(images)]  # fmt: skip
+        with ThreadPoolExecutor(8) as pool:  # at once: the lean design answers them in shared engine calls
+            theirs = list(pool.map(lambda body: _post(other, body), bodies))
+        for body, b in zip(bodies, theirs, strict=True):
+            a = _post(svc, body)
             assert a[0] == b[0] == 200
             assert a[1]["label"] == b[1]["label"]
             assert np.allclose(a[1]["probabilities"], b[1]["probabilities"], atol=1e-6)  # type: ignore[arg-type]
