@@ -43,6 +43,8 @@ Result = tuple[np.ndarray, float, float, int]
 #: Called after each successful batch with (model, inputs float32 (N, F), probabilities, and per item in order
 #: (request number, rows)): the chunks of one bulk request share its number.
 BatchObserver = Callable[["Model", np.ndarray, np.ndarray, Sequence[tuple[int, int]]], None]
+#: Interactive batches are handed to the quality observer together, once this many images are gathered.
+GATHER_ROWS = 256
 #: A finished engine call: (inputs as float32, probabilities, seconds), or None when skipped.
 Computed = tuple[np.ndarray, np.ndarray, float] | None
 
@@ -191,8 +193,9 @@ def compute(batch: list[Item], pinned: bool = True) -> Computed:
 
 
 class Observations:
-    """Quality statistics after the callers have their results, always off the event loop: a thread batch is
-    observed on its lane's thread; inline batches are gathered and observed 64 images (or 0.25 s) at a time."""
+    """Quality statistics after the callers have their results, always off the event loop: a bulk chunk is
+    observed on its bulk thread; interactive batches (inline or on the engine thread, a few dozen images at
+    most) are gathered and observed 256 images (or 0.25 s) at a time, one observer call for many batches."""
 
     def __init__(self, engine: Engine, observer: BatchObserver | None) -> None:
         self.engine = engine
@@ -202,15 +205,19 @@ class Observations:
         self._timer: asyncio.TimerHandle | None = None
 
     def threaded(self, lane: int, batch: list[Item], x: np.ndarray, probs: np.ndarray) -> None:
-        if self.observer is not None:
+        """A batch that ran on ``lane``'s thread (called on the event loop when it is done)."""
+        if lane == 0:
+            self.inline(asyncio.get_running_loop(), batch, x, probs)
+        elif self.observer is not None:
             self.engine.background(lane, self._observe, [(batch, x, probs)])
 
     def inline(self, loop: asyncio.AbstractEventLoop, batch: list[Item], x: np.ndarray, probs: np.ndarray) -> None:
+        """An interactive batch, gathered with the others (called on the event loop)."""
         if self.observer is None:
             return
         self._pending.append((batch, x, probs))
         self._rows += x.shape[0]
-        if self._rows >= 64:
+        if self._rows >= GATHER_ROWS:
             self.flush()
         elif self._timer is None:
             self._timer = loop.call_later(0.25, self.flush)

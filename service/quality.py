@@ -90,21 +90,26 @@ class Quality(Collector):
         labels = probs.argmax(axis=1)
         self._confidence.observe_many(probs[np.arange(n), labels])
         counts = np.bincount(labels, minlength=self.n_classes)[: self.n_classes]
-        with self._lock:
-            self._class_counts += counts
-            takes = []
-            for request, rows in parts:
-                seen = self._seen.pop(request, 0)
-                take = max(0, min(rows, MAX_IMAGES_PER_REQUEST - seen))
-                self._seen[request] = seen + take
-                takes.append(take)
-            while len(self._seen) > 4096:  # requests long finished
-                self._seen.popitem(last=False)
-        if sum(takes) < n:
-            starts = np.cumsum([0, *(r for _, r in parts[:-1])])
-            idx = np.concatenate([np.arange(s, s + t) for s, t in zip(starts, takes, strict=True)])
-            x, labels = x[idx], labels[idx]
-        requests = np.repeat(np.fromiter((r for r, _ in parts), dtype=np.int64, count=len(parts)), takes)
+        requests = np.fromiter((r for r, _ in parts), dtype=np.int64, count=len(parts))
+        if len(parts) == n:  # one image per request (interactive batches): each adds its only image, no tally
+            with self._lock:
+                self._class_counts += counts
+        else:
+            with self._lock:
+                self._class_counts += counts
+                takes = []
+                for request, rows in parts:
+                    seen = self._seen.pop(request, 0)
+                    take = max(0, min(rows, MAX_IMAGES_PER_REQUEST - seen))
+                    self._seen[request] = seen + take
+                    takes.append(take)
+                while len(self._seen) > 4096:  # requests long finished
+                    self._seen.popitem(last=False)
+            if sum(takes) < n:
+                starts = np.cumsum([0, *(r for _, r in parts[:-1])])
+                idx = np.concatenate([np.arange(s, s + t) for s, t in zip(starts, takes, strict=True)])
+                x, labels = x[idx], labels[idx]
+            requests = np.repeat(requests, takes)
         means = np.einsum("ij->i", x) * np.float32(1.0 / x.shape[1])
         m = len(means)
         k = min(m, self._window)  # only the last ``window`` images can stay
