@@ -215,17 +215,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._arm(self.limits.header_timeout_s, self._header_timeout)
 
     def on_url(self, url: bytes) -> None:
-        self._count(len(url))
+        self._header_bytes += len(url)
+        if self._header_bytes > self.limits.max_header_bytes:
+            self._refuse(*self._too_large_headers())
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
-        super().on_header(name, value)
-
-    def _count(self, n: int) -> None:
-        self._header_bytes += n
+        self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.limits.max_header_bytes:
             self._refuse(*self._too_large_headers())
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._events += 1

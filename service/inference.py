@@ -35,7 +35,7 @@ DEADLINE_HEADER = "X-Request-Deadline-Ms"
 T = TypeVar("T")
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Admission:
     """An admitted request: the model that will answer and the deadline it runs under."""
 
@@ -64,6 +64,7 @@ class Core:
         self.settings = state.settings
         self.metrics = state.metrics
         self._shapes: dict[int, decode.Shape] = {}
+        self._plain: Admission | None = None  # the last admission made without a stated deadline
 
     @property
     def registry(self) -> ModelRegistry:
@@ -92,9 +93,12 @@ class Core:
             self.metrics.dropped["not_ready"].inc()
             raise NotReady("the model is not loaded and warm yet", headers={"Retry-After": "1"})
         chosen = model if model is not None else state.registry.default
-        if deadline_s is None:
-            timeout = self.settings.request_timeout_s
-            return Admission(chosen, timeout, False, f"the service's request timeout ({timeout:g} s)")
+        if deadline_s is None:  # the same for every such request to one model: the last one made is reused
+            if (admission := self._plain) is None or admission.model is not chosen:
+                timeout = self.settings.request_timeout_s
+                admission = Admission(chosen, timeout, False, f"the service's request timeout ({timeout:g} s)")
+                self._plain = admission
+            return admission
         if not (math.isfinite(deadline_s) and deadline_s > 0):
             raise InvalidInput(f"{source} must be a positive number", code="invalid_deadline")
         budget = min(deadline_s, self.settings.max_deadline_s)

@@ -8,6 +8,7 @@ Callers that are gone (``gone()``, or their future already done) are answered an
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -27,7 +28,9 @@ class Queues:
         self._limits = (max_queue_images, max_bulk_queue_images)
         self._metrics = metrics
         self._queues: tuple[deque[Item], deque[Item]] = (deque(), deque())  # interactive, bulk
-        self._queued = [0, 0]  # images waiting in each
+        self._queued = [0, 0]  # images waiting in each (the queue-depth gauge reads them at scrape time)
+        for q, gauge in enumerate(metrics.queue_depth):
+            gauge.set_function(functools.partial(self._queued.__getitem__, q))
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
 
@@ -37,7 +40,6 @@ class Queues:
         q = 1 if bulk else 0
         self._queues[q].append(item)
         self._queued[q] += item.n
-        self._metrics.queue_depth[q].inc(item.n)
         return item
 
     # ----------------------------------------------------------------- deadlines: one timer
@@ -78,7 +80,6 @@ class Queues:
 
     def _dequeued(self, qi: int, it: Item) -> None:
         self._queued[qi] -= it.n
-        self._metrics.queue_depth[qi].dec(it.n)
 
     # ----------------------------------------------------------------- consumer
     def _take(self, qi: int, limit: int, now: float) -> list[Item]:

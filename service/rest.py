@@ -51,9 +51,9 @@ _FEEDBACK = msgspec.json.Decoder(_FeedbackBody)
 
 def timing(out: Outcome) -> list[tuple[bytes, bytes]]:
     return [
-        (b"server-timing", f"queue;dur={out.queue_s * 1000:.3f}, inference;dur={out.inference_s * 1000:.3f}".encode()),
+        (b"server-timing", b"queue;dur=%.3f, inference;dur=%.3f" % (out.queue_s * 1000, out.inference_s * 1000)),
         (b"x-model-version", out.model.version.encode()),
-        (b"x-batch-size", str(out.batch_images).encode()),
+        (b"x-batch-size", b"%d" % out.batch_images),
         (b"x-prediction-id", out.prediction_id.encode()),
     ]
 
