@@ -1,13 +1,15 @@
 """``python -m bench.inprocess``: the CPU one single-image JSON request costs the service's own code, end to
 end through the real app (edge, guards of the app, REST route, decoding, admission, batcher, engine call,
 feedback ring, metrics, reply) but without a socket or an HTTP server: the ASGI app is called directly, one
-request at a time, with the same real MNIST bodies ``mnist-bench`` sends. The event loop, the kernel and the
+request at a time (or ``--concurrency`` clients at once, whose requests batch as under load), with the same real
+MNIST bodies ``mnist-bench`` sends. The event loop, the kernel and the
 load generator do not take part, so it moves far less with the machine than a socket benchmark.
 
 ``--source`` may name other checkouts (e.g. a ``git worktree`` of an older commit): each is measured in its
 own process running this file against that checkout's ``service`` package, the checkouts taking turns round
 by round, so a comparison sees the same machine. Writes
-``inprocess.json`` (every round, and the best per checkout) to ``--out``.
+``inprocess.json`` (``inprocess-c64.json`` with ``--concurrency 64``: every round, and the best per checkout) to
+``--out``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def _measure(model_repository: Path, requests: int, bodies: Sequence[bytes]) -> float:
-    """CPU microseconds (this thread) per request, over ``requests`` requests after 500 unmeasured ones."""
+async def _measure(model_repository: Path, requests: int, bodies: Sequence[bytes], concurrency: int = 1) -> float:
+    """CPU microseconds per request, over ``requests`` requests after 500 unmeasured ones: one at a time, this
+    thread's CPU; or ``concurrency`` clients at once (their requests batch as under load), the process's CPU
+    (the engine thread's included)."""
     from service.app import create_app  # the checkout's own, found first on sys.path
     from service.settings import settings_from_args
 
@@ -66,22 +70,32 @@ async def _measure(model_repository: Path, requests: int, bodies: Sequence[bytes
             raise RuntimeError("the app did not become ready")
         for i in range(500):
             await one(bodies[i % len(bodies)])
-        t0 = time.thread_time()
-        for i in range(requests):
-            await one(bodies[i % len(bodies)])
-        cpu = time.thread_time() - t0
+        if concurrency == 1:
+            t0 = time.thread_time()
+            for i in range(requests):
+                await one(bodies[i % len(bodies)])
+            cpu = time.thread_time() - t0
+        else:
+
+            async def client(first: int) -> None:
+                for i in range(first, requests, concurrency):
+                    await one(bodies[i % len(bodies)])
+
+            t0 = time.process_time()
+            await asyncio.gather(*(client(k) for k in range(concurrency)))
+            cpu = time.process_time() - t0
     if statuses != {200}:
         raise RuntimeError(f"unexpected statuses {sorted(statuses)}")
     return cpu / requests * 1e6
 
 
-def _child(source: Path, model_repository: Path, requests: int) -> None:
+def _child(source: Path, model_repository: Path, requests: int, concurrency: int) -> None:
     sys.path.insert(0, str(source))
     from bench.models import find_model, real_digits  # this checkout's bench: the same bodies as mnist-bench's
     from bench.workloads import single_json
 
     bodies = single_json(real_digits(64, find_model(model_repository))).bodies
-    print(json.dumps({"us_per_request": asyncio.run(_measure(model_repository, requests, bodies))}))
+    print(json.dumps({"us_per_request": asyncio.run(_measure(model_repository, requests, bodies, concurrency))}))
 
 
 def _commit(source: Path) -> str:
@@ -94,20 +108,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, action="append", help="Checkout to measure (repeatable; default .).")
     parser.add_argument("--model-repository", type=Path, default=ROOT / "models")
     parser.add_argument("--requests", type=int, default=4000, help="Measured requests per round (default 4000).")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="Clients at once (default 1: one request at a time; 64: requests batch as under load).")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=5, help="Rounds per checkout; the best is kept (default 5).")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sources = [s.resolve() for s in (args.source or [ROOT])]
     if args.child:
-        _child(sources[0], args.model_repository.resolve(), args.requests)
+        _child(sources[0], args.model_repository.resolve(), args.requests, args.concurrency)
         return 0
     rounds: list[list[float]] = [[] for _ in sources]
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for r in range(args.rounds):
         for s, taken in zip(sources, rounds, strict=True):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--source", str(s), "--requests",
-                   str(args.requests), "--model-repository", str(args.model_repository.resolve())]  # fmt: skip
+                   str(args.requests), "--concurrency", str(args.concurrency),
+                   "--model-repository", str(args.model_repository.resolve())]  # fmt: skip
             out = subprocess.run(cmd, cwd=s, capture_output=True, text=True, check=True)
             us = json.loads(out.stdout.strip().splitlines()[-1])["us_per_request"]
             taken.append(us)
@@ -116,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench.inprocess " + " ".join(sys.argv[1:] if argv is None else argv),
         "started_utc": started,
         "requests_per_round": args.requests,
+        "concurrency": args.concurrency,
         "sources": [
             {
                 "path": str(s),
@@ -127,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         ],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "inprocess.json").write_text(json.dumps(result, indent=1))
+    name = "inprocess.json" if args.concurrency == 1 else f"inprocess-c{args.concurrency}.json"
+    (args.out / name).write_text(json.dumps(result, indent=1))
     for entry in result["sources"]:
         print(f"{entry['commit']} ({entry['path']}): best {entry['best_us_per_request']:.1f} us of CPU per request")
     return 0

@@ -44,7 +44,7 @@ Result = tuple[np.ndarray, float, float, int]
 #: (request number, rows)): the chunks of one bulk request share its number.
 BatchObserver = Callable[["Model", np.ndarray, np.ndarray, Sequence[tuple[int, int]]], None]
 #: Interactive batches are handed to the quality observer together, once this many images are gathered.
-GATHER_ROWS = 256
+GATHER_ROWS = 64
 #: A finished engine call: (inputs as float32, probabilities, seconds), or None when skipped.
 Computed = tuple[np.ndarray, np.ndarray, float] | None
 
@@ -195,7 +195,7 @@ def compute(batch: list[Item], pinned: bool = True) -> Computed:
 class Observations:
     """Quality statistics after the callers have their results, always off the event loop: a bulk chunk is
     observed on its bulk thread; interactive batches (inline or on the engine thread, a few dozen images at
-    most) are gathered and observed 256 images (or 0.25 s) at a time, one observer call for many batches."""
+    most) are gathered and observed 64 images (or 0.25 s) at a time, one observer call for several batches."""
 
     def __init__(self, engine: Engine, observer: BatchObserver | None) -> None:
         self.engine = engine

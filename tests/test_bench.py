@@ -284,16 +284,21 @@ def test_profile_groups_the_event_loop_thread_by_area(tmp_path: Path) -> None:
     assert profile.summarize(raw)["loop"] == loop
 
 
-def test_inprocess_measures_each_checkout_in_turn(tmp_path: Path) -> None:
-    """Two "checkouts" (the same tree twice) take turns; each round is a real request loop that answered 200."""
+@pytest.mark.parametrize("concurrency", [1, 16])
+def test_inprocess_measures_each_checkout_in_turn(tmp_path: Path, concurrency: int) -> None:
+    """Two "checkouts" (the same tree twice) take turns; each round is a real request loop that answered 200,
+    one request at a time or several clients at once."""
     repo = tmp_path / "repo"
     write_model(repo, "tiny", "1")
     cmd = [sys.executable, "-m", "bench.inprocess", "--model-repository", str(repo), "--out", str(tmp_path),
-           "--requests", "50", "--rounds", "2", "--source", str(ROOT), "--source", str(ROOT / ".")]  # fmt: skip
+           "--requests", "50", "--rounds", "2", "--source", str(ROOT), "--source", str(ROOT / "."),
+           "--concurrency", str(concurrency)]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300).stdout
-    report = json.loads((tmp_path / "inprocess.json").read_text())
+    name = "inprocess.json" if concurrency == 1 else f"inprocess-c{concurrency}.json"
+    report = json.loads((tmp_path / name).read_text())
     assert report["command"].startswith("python -m bench.inprocess")
     assert report["requests_per_round"] == 50
+    assert report["concurrency"] == concurrency
     assert len(report["sources"]) == 2
     for source in report["sources"]:
         assert len(source["rounds_us_per_request"]) == 2
