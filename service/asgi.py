@@ -152,7 +152,7 @@ async def send_reply(send: Send, reply: Reply) -> None:
 
 class Endpoint:
     """A hot-route handler as an ASGI app; its ServiceErrors are answered in the route's error shape. The edge
-    calls ``handler`` itself (``Edge._serve``): no wrapper around ``send`` on the hot path."""
+    calls ``reply`` and sends the reply itself: no wrapper around ``send`` on the hot path."""
 
     __slots__ = ("handler", "oip")
 

@@ -40,9 +40,9 @@ _own = threading.local()  # a pinned bulk thread's CPU (``cpu``) and whether it 
 
 #: What a caller gets: its rows of the output, seconds queued, seconds of the engine call, images in that call.
 Result = tuple[np.ndarray, float, float, int]
-#: Called after each successful batch with (model, inputs float32 (N, F), probabilities, and per item in order
-#: (request number, rows)): the chunks of one bulk request share its number.
-BatchObserver = Callable[["Model", np.ndarray, np.ndarray, Sequence[tuple[int, int]]], None]
+#: Called after successful batches with (model, inputs float32 (N, F), probabilities, per item in order (request
+#: number, rows), whole): the chunks of one bulk request share its number; ``whole``: every item is a whole request.
+BatchObserver = Callable[["Model", np.ndarray, np.ndarray, Sequence[tuple[int, int]], bool], None]
 #: Interactive batches are handed to the quality observer together, once this many images are gathered.
 GATHER_ROWS = 64
 #: A finished engine call: (inputs as float32, probabilities, seconds), or None when skipped.
@@ -209,7 +209,7 @@ class Observations:
         if lane == 0:
             self.inline(asyncio.get_running_loop(), batch, x, probs)
         elif self.observer is not None:
-            self.engine.background(lane, self._observe, [(batch, x, probs)])
+            self.engine.background(lane, self._observe, [(batch, x, probs)], False)
 
     def inline(self, loop: asyncio.AbstractEventLoop, batch: list[Item], x: np.ndarray, probs: np.ndarray) -> None:
         """An interactive batch, gathered with the others (called on the event loop)."""
@@ -228,10 +228,11 @@ class Observations:
             self._timer = None
         pending, self._pending, self._rows = self._pending, [], 0
         if pending:
-            self.engine.background(0, self._observe, pending)
+            self.engine.background(0, self._observe, pending, True)
 
-    def _observe(self, pending: list[tuple[list[Item], np.ndarray, np.ndarray]]) -> None:
-        """One observer call per run of batches of the same model (inline batches arrive by the dozen)."""
+    def _observe(self, pending: list[tuple[list[Item], np.ndarray, np.ndarray]], whole: bool) -> None:
+        """One observer call per run of batches of the same model (interactive batches arrive by the dozen, each
+        item a whole request: ``whole``)."""
         assert self.observer is not None
         start = 0
         while start < len(pending):
@@ -242,7 +243,7 @@ class Observations:
             x = run[0][1] if len(run) == 1 else np.concatenate([x for _, x, _ in run])
             probs = run[0][2] if len(run) == 1 else np.concatenate([p for _, _, p in run])
             try:
-                self.observer(model, x, probs, [(it.request, it.n) for batch, _, _ in run for it in batch])
+                self.observer(model, x, probs, [(it.request, it.n) for batch, _, _ in run for it in batch], whole)
             except Exception:
                 log.exception("batch observer failed")
             start = end

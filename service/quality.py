@@ -78,25 +78,24 @@ class Quality(Collector):
             self._pos = 0
 
     # ---------------------------------------------------------------- hot path (engine thread)
-    def record_batch(self, model: Model, x: np.ndarray, probs: np.ndarray, parts: Sequence[tuple[int, int]]) -> None:
+    def record_batch(self, model: Model, x: np.ndarray, probs: np.ndarray, parts: Sequence[tuple[int, int]],
+                     whole: bool = False) -> None:  # fmt: skip
         """One engine call's inputs (N, features) in [0, 1], outputs (N, classes), and per item (request number,
-        rows), in row order.
+        rows), in row order; ``whole``: every item is a whole request (interactive batches), never a chunk.
 
         Vectorized (one einsum, one argmax, one bincount per batch). Every image counts in the class and
         confidence statistics; each request adds at most ``MAX_IMAGES_PER_REQUEST`` images to the drift window,
-        across all the chunks of a bulk request.
+        across all the chunks of a bulk request (a tally by request number; whole requests need none).
         """
         n = len(probs)
         labels = probs.argmax(axis=1)
         self._confidence.observe_many(probs[np.arange(n), labels])
         counts = np.bincount(labels, minlength=self.n_classes)[: self.n_classes]
-        requests = np.fromiter((r for r, _ in parts), dtype=np.int64, count=len(parts))
-        if len(parts) == n:  # one image per request (interactive batches): each adds its only image, no tally
-            with self._lock:
-                self._class_counts += counts
-        else:
-            with self._lock:
-                self._class_counts += counts
+        with self._lock:
+            self._class_counts += counts
+            if whole:
+                takes = [min(rows, MAX_IMAGES_PER_REQUEST) for _, rows in parts] if len(parts) < n else None
+            else:
                 takes = []
                 for request, rows in parts:
                     seen = self._seen.pop(request, 0)
@@ -105,6 +104,8 @@ class Quality(Collector):
                     takes.append(take)
                 while len(self._seen) > 4096:  # requests long finished
                     self._seen.popitem(last=False)
+        requests = np.fromiter((r for r, _ in parts), dtype=np.int64, count=len(parts))
+        if takes is not None:  # None: one image per request, all taken
             if sum(takes) < n:
                 starts = np.cumsum([0, *(r for _, r in parts[:-1])])
                 idx = np.concatenate([np.arange(s, s + t) for s, t in zip(starts, takes, strict=True)])

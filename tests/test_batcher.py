@@ -432,7 +432,7 @@ async def test_inline_batches_are_observed_together_one_call_per_run_of_one_mode
     model (rows and per-request parts concatenated in order), not one call per batch."""
     calls: list[tuple[object, np.ndarray, np.ndarray, list[tuple[int, int]]]] = []
     engine = Engine(1)
-    observations = Observations(engine, lambda m, x, p, parts: calls.append((m, x, p, list(parts))))
+    observations = Observations(engine, lambda m, x, p, parts, whole: calls.append((m, x, p, list(parts))))
     a, b = object(), object()
     loop = asyncio.get_running_loop()
     request = iter(range(100))

@@ -393,6 +393,19 @@ def test_one_big_request_adds_a_bounded_share_of_the_drift_window(tiny_model: Mo
     s = samples(reg)
     assert s["mnist_drift_window_images"][0][1] == MAX_IMAGES_PER_REQUEST + 5 + MAX_IMAGES_PER_REQUEST
     assert s["mnist_drift_window_requests"][0][1] == 5
+    # A one-image chunk of a bulk request, finished before its sibling, still counts toward that request's 64.
+    q.record_batch(tiny_model, np.zeros((1, 784), np.float32), one_hot(np.zeros(1, np.int64)), [(11, 1)])
+    q.record_batch(tiny_model, np.zeros((512, 784), np.float32), one_hot(np.zeros(512, np.int64)), [(11, 512)])
+    s = samples(reg)
+    assert s["mnist_drift_window_images"][0][1] == 2 * MAX_IMAGES_PER_REQUEST + 5 + MAX_IMAGES_PER_REQUEST
+    # Whole requests (interactive batches) need no tally: one image each, or their first 64.
+    q.record_batch(tiny_model, np.zeros((3, 784), np.float32), one_hot(np.zeros(3, np.int64)), [(20, 1), (21, 1), (22, 1)],
+                   whole=True)  # fmt: skip
+    q.record_batch(tiny_model, np.zeros((101, 784), np.float32), one_hot(np.zeros(101, np.int64)), [(23, 1), (24, 100)],
+                   whole=True)  # fmt: skip
+    s = samples(reg)
+    assert s["mnist_drift_window_images"][0][1] == 3 * MAX_IMAGES_PER_REQUEST + 5 + 3 + 1 + MAX_IMAGES_PER_REQUEST
+    assert s["mnist_drift_window_requests"][0][1] == 11
 
 
 def test_quality_exposition_before_and_after_traffic(tiny_model: Model) -> None:
