@@ -219,6 +219,20 @@ def _v(v: object) -> str:
     return str(v)
 
 
+def _targets_md(targets: list[dict[str, Any]], head: str, words: tuple[str, str]) -> list[str]:
+    """A markdown table of targets (``Target.to_dict()``); ``words``: what a met and a missed target read."""
+    rows = [
+        _md_row([head, "measured", "goal", "", "margin", "detail"]),
+        _md_row(["---", "---:", "---:", "---", "---:", "---"]),
+    ]
+    for t in targets:
+        op = ">=" if t["higher_is_better"] else "<="
+        value = "-" if t["measured"] is None else f"{t['measured']:.3g}{t['unit']}"
+        rows.append(_md_row([t["name"], value, f"{op} {t['goal']:g}{t['unit']}", words[0] if t["passed"] else words[1],
+                             t["margin"], t["detail"]]))  # fmt: skip
+    return rows
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The tables of docs/performance.md, from one run's results.json (``python -m bench.report FILE``)."""
     fields = set(Point.__dataclass_fields__)
@@ -253,13 +267,7 @@ def markdown(result: dict[str, Any]) -> str:
             _n(p.cpu_us_per_request), _n(p.server_rss_peak_mb), _n(p.wrk_cpu_util, ".2f"),
         ]))  # fmt: skip
     out.append("")
-    out.append(_md_row(["target", "measured", "goal", "", "margin", "detail"]))
-    out.append(_md_row(["---", "---:", "---:", "---", "---:", "---"]))
-    for t in result["targets"]:
-        op = ">=" if t["higher_is_better"] else "<="
-        value = "-" if t["measured"] is None else f"{t['measured']:.3g}{t['unit']}"
-        out.append(_md_row([t["name"], value, f"{op} {t['goal']:g}{t['unit']}", "PASS" if t["passed"] else "**MISS**",
-                            t["margin"], t["detail"]]))  # fmt: skip
+    out += _targets_md(result["targets"], "target", ("PASS", "**MISS**"))
     if result.get("lean_targets"):
         out.append("")
         out.append(
@@ -267,13 +275,7 @@ def markdown(result: dict[str, Any]) -> str:
             "reference, not a result of the service):"
         )
         out.append("")
-        out.append(_md_row(["target (lean)", "measured", "goal", "", "margin", "detail"]))
-        out.append(_md_row(["---", "---:", "---:", "---", "---:", "---"]))
-        for t in result["lean_targets"]:
-            op = ">=" if t["higher_is_better"] else "<="
-            value = "-" if t["measured"] is None else f"{t['measured']:.3g}{t['unit']}"
-            out.append(_md_row([t["name"], value, f"{op} {t['goal']:g}{t['unit']}", "met" if t["passed"] else "missed",
-                                t["margin"], t["detail"]]))  # fmt: skip
+        out += _targets_md(result["lean_targets"], "target (lean)", ("met", "missed"))
     eng = result.get("engine")
     if eng:
         out.append("")
