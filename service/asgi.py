@@ -64,16 +64,14 @@ def decimal(value: str, what: str) -> int:
     return int(text)
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int, declared: str | None = "") -> bytes:
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The whole body, refusing a declared or actual size over ``limit`` (413) before reading further.
 
     A body in several chunks with a declared ``Content-Length`` is copied once, into a buffer of that size (the
-    parser delivers exactly that many bytes); a chunked one is joined at the end. ``declared``: the
-    ``Content-Length`` header when the caller has it (None: absent). A body that trickles in is
+    parser delivers exactly that many bytes); a chunked one is joined at the end. A body that trickles in is
     answered by the connection guard (400 ``body_timeout``, service/guards.py).
     """
-    if declared == "":  # not looked up by the caller
-        declared = header(scope, b"content-length")
+    declared = header(scope, b"content-length")
     length = None if declared is None else decimal(declared, "Content-Length")
     if length is not None and length > limit:
         raise PayloadTooLarge(f"the body is {length} bytes; the limit is {limit}")
@@ -255,10 +253,8 @@ class Edge:
         try:
             if type(app) is Endpoint:  # a hot route: its reply is sent from here, no wrapper around ``send``
                 status, body, headers = await app.reply(scope, receive)
-                headers += [(b"content-length", b"%d" % len(body)), *extra]
                 started = True
-                await send({"type": "http.response.start", "status": status, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
+                await send_reply(send, (status, body, [*headers, *extra]))
             else:
                 await app(scope, receive, send_wrapper)
         except Exception as exc:

@@ -70,9 +70,8 @@ class Rest:
             raise decode.unsupported(media, tuple(table))
         limit = core.settings.max_json_bytes if media == decode.JSON else core.settings.max_body_bytes
         admission = core.admit(core.deadline_ms(header(scope, b"x-request-deadline-ms")))
-        length = header(scope, b"content-length")
-        core.room_for(media, length, admission.model, limit)
-        body = await read_body(scope, receive, limit, length)
+        core.room_for(media, header(scope, b"content-length"), admission.model, limit)
+        body = await read_body(scope, receive, limit)
         images = await core.decode(table, ct, body, admission.model)
         del body
         return await core.infer(admission, images, gone=gone_probe(receive))
