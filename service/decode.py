@@ -160,10 +160,8 @@ def _json_image(image: list[Any], shape: Shape, what: str) -> np.ndarray:
     """A flat list of ``features`` numbers or ``rows`` lists of ``cols`` -> (features,) float32."""
     try:
         with np.errstate(over="ignore"):  # a number beyond float32 becomes inf: check_range names it
-            if isinstance(image[0], float):
-                arr = np.fromiter(image, dtype=np.float32, count=len(image))
-            else:
-                arr = np.array(image, dtype=np.float32)
+            flat = isinstance(image[0], float)
+            arr = np.fromiter(image, np.float32, len(image)) if flat else np.array(image, dtype=np.float32)
     except (TypeError, ValueError):
         raise InvalidInput(f"{what} mixes numbers and rows, or has rows of different lengths",
                            code="invalid_shape") from None  # fmt: skip
@@ -241,17 +239,19 @@ def _safe(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+_NPY_HEADER = threading.Lock()  # numpy reads it with ast, whose state CPython shares across threads: one at a time
+
+
 def npy_many(body: bytes, _ct: str, shape: Shape) -> np.ndarray:
     """A NumPy .npy file, (N, h, w) or (N, features), uint8 (0-255) or float32 ([0, 1]). Never unpickles."""
     stream = io.BytesIO(body)
     try:
         version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            dims, fortran, dtype = np.lib.format.read_array_header_1_0(stream, max_header_size=1024)
-        elif version in ((2, 0), (3, 0)):
-            dims, fortran, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=1024)
-        else:
+        if version not in ((1, 0), (2, 0), (3, 0)):
             raise ValueError(f"unsupported .npy version {version}")
+        with _NPY_HEADER:
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            dims, fortran, dtype = read(stream, max_header_size=1024)
     except Exception as exc:  # numpy's header parser raises ValueError, SyntaxError, tokenize.TokenError, ...
         raise MalformedBody(f"malformed .npy: {_safe(exc)}", code="malformed_npy") from None
     if dtype.hasobject or dtype not in (np.dtype(np.uint8), np.dtype("<f4")):

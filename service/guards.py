@@ -13,12 +13,12 @@ the service's JSON error shape, every answer closing the connection:
   body is read, on every route), or when a chunked body passes it;
 - 501 ``unsupported_transfer_encoding`` for any transfer coding but ``chunked``; 400
   ``invalid_transfer_encoding`` for ``Transfer-Encoding`` on HTTP/1.0 (RFC 9112, 6.1) or an empty coding;
-- 400 ``body_timeout`` when the body has not fully arrived ``body_timeout_s`` after the headers and no
-  response has started (the connection is closed either way);
+- 400 ``body_timeout`` when the body has not fully arrived ``body_timeout_s`` after the headers and no response
+  has started, unless this server is the one late (reading paused until the app takes what was read);
 - 503 ``too_many_requests`` from the ``gate`` (``InflightLimit``, service/inflight.py), decided from the headers
-  (no ASGI task, no body parsed) and held ``refusal_delay_s`` (the ``Retry-After``) with reading paused, for
-  up to ``MAX_HELD_REFUSALS`` connections (beyond: at once): a client retrying at once then retries once per
-  delay per connection, not as fast as the event loop can refuse (which starved ``/healthz``: reliability.md).
+  (no ASGI task, no body parsed), held ``refusal_delay_s`` (the ``Retry-After``) with reading paused for up to
+  ``MAX_HELD_REFUSALS`` connections: a client retrying at once retries once per delay, not as fast as the loop
+  can refuse (which starved ``/healthz``: reliability.md).
 """
 
 from __future__ import annotations
@@ -138,15 +138,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _body_timeout(self) -> None:
         if self.transport.is_closing():
             return
-        limit = self.limits.body_timeout_s
-        log.info("closing a connection whose request body did not arrive in time",
-                 extra={"client": self.client and self.client[0], "timeout_s": limit})  # fmt: skip
-        cycle = self.cycle
+        limit, cycle = self.limits.body_timeout_s, self.cycle
         if cycle is not None and cycle.response_complete:  # answered already (a 413, say): only close
             self.transport.close()
             return
+        if self.flow.read_paused:  # the app has not taken what was read: this server is late, not the client
+            self._arm(limit, self._body_timeout)
+            return
+        log.info("closing a connection whose request body did not arrive in time",
+                 extra={"client": self.client and self.client[0], "timeout_s": limit})  # fmt: skip
         rid = (cycle.scope.get("state") or {}).get("request_id") if cycle is not None else None
-        self._answer(400, "body_timeout", f"the body did not arrive within {limit:g} s", rid, self._v2_path())
+        self._answer(400, "body_timeout", f"the body did not arrive within {limit:g} s", rid, v2_path(self.url))
 
     # -------------------------------------------------------------- answering
     def _hold_refusal(self) -> None:
@@ -187,9 +189,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.write(error_response(status, code, message, request_id, v2=v2))
         self.transport.close()
 
-    def _v2_path(self) -> bool:
-        return v2_path(self.url)  # the path is complete after the headers
-
     def _too_large_headers(self) -> tuple[int, str, str, None]:
         limit = self.limits.max_header_bytes
         log.info("refusing oversized request headers", extra={"client": self.client and self.client[0]})
@@ -228,9 +227,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._events += 1
-        self._in_head = False
-        self._head_bytes = 0
-        self._body_bytes = 0
+        self._in_head, self._head_bytes, self._body_bytes = False, 0, 0
         self._check_framing()
         self._admit()
         self._arm(self.limits.body_timeout_s, self._body_timeout)
@@ -262,21 +259,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """Transfer codings and the declared body size, before the request reaches the app."""
         version, limit = self.parser.get_http_version(), self.limits.max_body_bytes
         if (refusal := framing_refusal(self.headers, version, limit)) is not None:
-            self._refuse(*refusal, request_id(self.headers), self._v2_path())
+            self._refuse(*refusal, request_id(self.headers), v2_path(self.url))
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
         limit = self.limits.max_body_bytes
         if self._body_bytes > limit and not self.cycle.response_complete:  # a chunked body (Content-Length is checked)
             rid = (self.cycle.scope.get("state") or {}).get("request_id")
-            self._refuse(413, "payload_too_large", f"the body exceeds the limit of {limit} bytes", rid, self._v2_path())
+            message, v2 = f"the body exceeds the limit of {limit} bytes", v2_path(self.url)
+            self._refuse(413, "payload_too_large", message, rid, v2)
         super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._events += 1
-        self._in_head = True
-        self._head_bytes = 0
-        self._due = None
+        self._in_head, self._head_bytes, self._due = True, 0, None
         super().on_message_complete()
         cycle = self.cycle
         if cycle.response_complete and self.timeout_keep_alive_task is None and not self.transport.is_closing():
