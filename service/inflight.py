@@ -119,7 +119,8 @@ class InflightLimit:
     When no body is in flight any more and at least ``trim_after_bytes`` of bodies went through since the
     last trim, glibc's ``malloc_trim(0)`` runs in a worker thread: large buffers freed by the requests stay
     in the allocator's arenas otherwise, and the process's resident memory would never come back down
-    after a burst (measured in docs/reliability.md).
+    after a burst (measured in docs/reliability.md). The bar is low (1 MiB) on purpose: a trim in a lull of a
+    long load resets the count, and the few bulk bodies after it can regrow tens of MiB that must go too.
     """
 
     def __init__(
@@ -130,7 +131,7 @@ class InflightLimit:
         *,
         max_body_bytes_in_flight: int = 64 * MiB,
         max_body_bytes: int = 16 * MiB,
-        trim_after_bytes: int = 32 * MiB,
+        trim_after_bytes: int = 1 * MiB,
         trim_delay_s: float = 0.5,
     ) -> None:
         self.app = app
@@ -230,7 +231,7 @@ class InflightLimit:
                 self._trim_pending = True
                 asyncio.get_running_loop().call_later(self.trim_delay_s, self._trim_if_idle)
 
-    def _trim_if_idle(self, again: bool = True) -> None:
+    def _trim_if_idle(self, later: tuple[int, ...] = (10, 50)) -> None:
         self._trim_pending = False
         if self.body_bytes or _MALLOC_TRIM is None:
             return  # load came back: trim when it falls again
@@ -239,6 +240,6 @@ class InflightLimit:
         loop = asyncio.get_running_loop()
         # Off the event loop: trimming a large heap takes milliseconds (ctypes releases the GIL meanwhile).
         loop.run_in_executor(None, _MALLOC_TRIM)
-        if again:  # once more a little later: the quality statistics still hold the last batches for a moment
-            self._trim_pending = True
-            loop.call_later(10 * self.trim_delay_s, self._trim_if_idle, False)
+        if later:  # again 5 s and 30 s on: the last batches are let go a moment after their responses (seconds
+            self._trim_pending = True  # on a starved machine: docs/reliability.md), and that memory must go back too
+            loop.call_later(later[0] * self.trim_delay_s, self._trim_if_idle, later[1:])
