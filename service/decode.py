@@ -41,6 +41,9 @@ MULTIPART = "multipart/form-data"
 REUSED_PARSER_BYTES = 64 * 1024
 _threads = threading.local()
 _MIN, _MAX = np.minimum.reduce, np.maximum.reduce
+#: numpy parses a .npy header with ``ast``, whose state CPython shares between threads: two at once failed a valid
+#: header under load ("AST constructor recursion depth mismatch"). One at a time.
+_NPY_HEADER = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,9 +240,6 @@ def _safe(exc: BaseException, limit: int = 200) -> str:
     """An exception's text fit for a client: no object reprs (they show memory addresses), bounded length."""
     text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<expression>", str(exc))
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-_NPY_HEADER = threading.Lock()  # numpy reads it with ast, whose state CPython shares across threads: one at a time
 
 
 def npy_many(body: bytes, _ct: str, shape: Shape) -> np.ndarray:
