@@ -145,7 +145,8 @@ class InflightLimit:
         self.trim_delay_s = trim_delay_s
         self.trims = 0
         self._since_trim = 0
-        self._trim_pending = False
+        self._trim_pending = False  # a trim 0.5 s after the load fell is due (not the later ones: they never wait)
+        self._later: asyncio.TimerHandle | None = None  # the next later trim
         self._refusal_requests = self._refusal(f"{limit} inference requests are already in progress; retry later")
         self._refusal_bytes = self._refusal(
             f"{max_body_bytes_in_flight} bytes of request bodies are already in progress; retry later"
@@ -229,10 +230,13 @@ class InflightLimit:
             self._since_trim += cost
             if not self.body_bytes and self._since_trim >= self.trim_after_bytes and not self._trim_pending:
                 self._trim_pending = True
-                asyncio.get_running_loop().call_later(self.trim_delay_s, self._trim_if_idle)
+                asyncio.get_running_loop().call_later(self.trim_delay_s, self._trim_after_load)
 
-    def _trim_if_idle(self, later: tuple[int, ...] = (10, 50)) -> None:
+    def _trim_after_load(self) -> None:
         self._trim_pending = False
+        self._trim_if_idle((10, 50))
+
+    def _trim_if_idle(self, later: tuple[int, ...]) -> None:
         if self.body_bytes or _MALLOC_TRIM is None:
             return  # load came back: trim when it falls again
         self._since_trim = 0
@@ -240,6 +244,8 @@ class InflightLimit:
         loop = asyncio.get_running_loop()
         # Off the event loop: trimming a large heap takes milliseconds (ctypes releases the GIL meanwhile).
         loop.run_in_executor(None, _MALLOC_TRIM)
-        if later:  # again 5 s and 30 s on: the last batches are let go a moment after their responses (seconds
-            self._trim_pending = True  # on a starved machine: docs/reliability.md), and that memory must go back too
-            loop.call_later(later[0] * self.trim_delay_s, self._trim_if_idle, later[1:])
+        # Again 5 s and 30 s on: the last batches are let go a moment after their responses (seconds on a starved
+        # machine: docs/reliability.md). A new load that falls meanwhile gets its own trims at once, from 0.5 s.
+        if self._later is not None:
+            self._later.cancel()
+        self._later = loop.call_later(later[0] * self.trim_delay_s, self._trim_if_idle, later[1:]) if later else None
