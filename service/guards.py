@@ -82,6 +82,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_timer()
         self._unhold()
         super().connection_lost(exc)
+        # Cut this object's reference cycles (its request cycle's ``on_response``, ``_on_due``): refcounting frees
+        # a closed connection, and a body it read but the app never took (a 413), at once, not at the next GC pass.
+        if self.cycle is not None:
+            self.cycle.body = bytearray()
+        self.cycle, self._on_due = None, lambda: None  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         events = self._events
