@@ -553,8 +553,8 @@ def test_a_closed_connection_and_the_body_it_read_are_freed_without_the_cyclic_g
                 with socket.create_connection(("127.0.0.1", server.config.port), timeout=30) as s:
                     s.sendall(b"POST /v1/predict/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                               b"Content-Length: %d\r\n\r\n" % MiB + b"[" * (256 * 1024))  # fmt: skip
-                    status, _, _ = parse(read_until_closed(s, 30))
-                    assert status == 413
+                    data = read_until_closed(s, 30)  # b"": the unread body made the close a reset, answer lost
+                    assert not data or parse(data)[0] == 413, data[:200]
             deadline = time.monotonic() + 10
             while (left := alive()) and time.monotonic() < deadline:
                 _REFUSING_LOOP[0].call_soon_threadsafe(lambda: None)  # an idle uvloop closes its last handle later
