@@ -29,6 +29,9 @@ VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "wait-1ms": ([], {"MNIST_MAX_WAIT_MS": "1"}),
     "batch-64": ([], {"MNIST_MAX_BATCH_SIZE": "64"}),
     "batch-1024": ([], {"MNIST_MAX_BATCH_SIZE": "1024"}),
+    "inline-0": ([], {"MNIST_INLINE_BUDGET_US": "0"}),
+    "inline-100": ([], {"MNIST_INLINE_BUDGET_US": "100"}),
+    "inline-1000": ([], {"MNIST_INLINE_BUDGET_US": "1000"}),
 }
 
 

@@ -44,7 +44,7 @@ log = logging.getLogger("service.batcher")
 class Batcher(Queues):
     def __init__(self, *, max_batch_size: int, max_wait_s: float, max_queue_images: int, metrics: Metrics,
                  observer: BatchObserver | None = None, bulk_chunk_images: int = 1024,
-                 max_bulk_queue_images: int | None = None, bulk_parallel: int = 0, inline_budget_s: float = 100e-6,
+                 max_bulk_queue_images: int | None = None, bulk_parallel: int = 0, inline_budget_s: float = 500e-6,
                  bulk_nice: int = BULK_NICE) -> None:  # fmt: skip
         self.max_batch_size, self.max_wait_s, self.inline_budget_s = max_batch_size, max_wait_s, inline_budget_s
         self.bulk_chunk_images = bulk_chunk_images

@@ -72,11 +72,12 @@ class Settings(BaseSettings):
         "arrived in the last 0.1 s, one fewer while single images keep arriving, one while one waits.",
     )
     inline_budget_us: float = Field(
-        100.0,
+        500.0,
         ge=0,
         le=10000,
         description="A batch measured at warm-up to cost less than this runs on the event loop when the engine is "
-        "idle (0 = never); it bounds the loop's stall.",
+        "idle (0 = never); it bounds the loop's stall. A hand-off to the engine thread costs more CPU than "
+        "the batches of a few dozen images it covers (docs/performance.md).",
     )
     request_timeout_s: float = Field(
         10.0, gt=0, description="Deadline of a request that states none; queued past it: 504."
