@@ -193,9 +193,11 @@ def compute(batch: list[Item], pinned: bool = True) -> Computed:
 
 
 class Observations:
-    """Quality statistics after the callers have their results, always off the event loop: a bulk chunk is
-    observed on its bulk thread; interactive batches (inline or on the engine thread, a few dozen images at
-    most) are gathered and observed 64 images (or 0.25 s) at a time, one observer call for several batches."""
+    """Quality statistics after the callers have their results: a bulk chunk is observed on its bulk thread;
+    interactive batches (inline or on the engine thread, a few dozen images at most) are gathered and observed
+    64 images (or 0.25 s) at a time on the event loop, one vectorized observer call for several batches (about
+    25 us for 64 images). Handing that call to a thread cost far more: the two threads then pass the interpreter
+    lock back and forth at every numpy call of either (docs/performance.md)."""
 
     def __init__(self, engine: Engine, observer: BatchObserver | None) -> None:
         self.engine = engine
@@ -228,7 +230,7 @@ class Observations:
             self._timer = None
         pending, self._pending, self._rows = self._pending, [], 0
         if pending:
-            self.engine.background(0, self._observe, pending, True)
+            self._observe(pending, True)
 
     def _observe(self, pending: list[tuple[list[Item], np.ndarray, np.ndarray]], whole: bool) -> None:
         """One observer call per run of batches of the same model (interactive batches arrive by the dozen, each

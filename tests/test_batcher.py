@@ -429,10 +429,16 @@ async def test_a_single_image_at_low_load_runs_in_its_callers_task_and_bursts_st
 
 async def test_inline_batches_are_observed_together_one_call_per_run_of_one_model() -> None:
     """Inline batches are gathered and handed to the quality observer in one call per run of batches of the same
-    model (rows and per-request parts concatenated in order), not one call per batch."""
+    model (rows and per-request parts concatenated in order), not one call per batch, on the event loop's thread."""
     calls: list[tuple[object, np.ndarray, np.ndarray, list[tuple[int, int]]]] = []
     engine = Engine(1)
-    observations = Observations(engine, lambda m, x, p, parts, whole: calls.append((m, x, p, list(parts))))
+    threads: set[str] = set()
+
+    def observer(m: object, x: np.ndarray, p: np.ndarray, parts: list[tuple[int, int]], whole: bool) -> None:
+        threads.add(threading.current_thread().name)
+        calls.append((m, x, p, list(parts)))
+
+    observations = Observations(engine, observer)  # type: ignore[arg-type]
     a, b = object(), object()
     loop = asyncio.get_running_loop()
     request = iter(range(100))
@@ -443,7 +449,8 @@ async def test_inline_batches_are_observed_together_one_call_per_run_of_one_mode
             observations.inline(loop, items, x, x[:, :10])
         observations.flush()
     finally:
-        engine.shutdown()  # waits for the observer's background call
+        engine.shutdown()
+    assert threads == {threading.current_thread().name}
     assert [(m is a, len(x), parts) for m, x, _, parts in calls] == [
         (True, 3, [(0, 1), (1, 2)]),
         (False, 1, [(2, 1)]),
