@@ -139,6 +139,8 @@ class Batcher(Queues):
             for it in items:  # one chunk failed or the caller was cancelled: the rest is not wanted
                 if not it.future.done():
                     it.future.cancel()
+                elif not it.future.cancelled():
+                    it.future.exception()  # retrieved: one error answers the request, the others are not logged
         probs = np.concatenate([r[0] for r in results])
         return probs, max(r[1] for r in results), sum(r[2] for r in results), max(r[3] for r in results)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import threading
 import time
@@ -198,6 +199,23 @@ async def test_a_caller_that_is_gone_is_dropped_when_the_batch_forms(batcher: Ba
     with pytest.raises(ClientDisconnected):
         await doomed
     assert not any(np.allclose(x, 0.7) for x in gate.batches)
+
+
+async def test_a_bulk_request_gone_before_its_chunks_ran_leaves_no_unretrieved_error(model: Model) -> None:
+    """Every chunk of a request whose client hung up is answered 499; the request raises once and the other
+    chunks' errors are retrieved, not logged by asyncio as 'exception was never retrieved' (an error line per
+    client that disconnects during bulk)."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        async with running(make_batcher(bulk_chunk_images=2)) as b:
+            with pytest.raises(ClientDisconnected):
+                await submit(b, model, images(6), bulk=True, gone=lambda: True)
+        gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert reported == []
 
 
 async def test_engine_error_fails_only_its_batch(batcher: Batcher, model: Model, gate: Gate) -> None:
