@@ -76,8 +76,7 @@ class Settings(BaseSettings):
         ge=0,
         le=10000,
         description="A batch measured at warm-up to cost less than this runs on the event loop when the engine is "
-        "idle (0 = never); it bounds the loop's stall. A hand-off to the engine thread costs more CPU than "
-        "the batches of a few dozen images it covers (docs/performance.md).",
+        "idle (0 = never); it bounds the loop's stall (a hand-off costs more CPU than such a batch).",
     )
     request_timeout_s: float = Field(
         10.0, gt=0, description="Deadline of a request that states none; queued past it: 504."
