@@ -132,15 +132,15 @@ class Batcher(Queues):
             if len(items) == 1:
                 return await items[0].future
             results = [await it.future for it in items]
-        except asyncio.CancelledError:  # the caller's task was cancelled (an RPC cancelled, a client gone)
-            self._metrics.dropped["cancelled"].inc()
-            raise
-        finally:
-            for it in items:  # one chunk failed or the caller was cancelled: the rest is not wanted
+        except BaseException as exc:  # one chunk failed or the caller was cancelled: the rest is not wanted
+            if isinstance(exc, asyncio.CancelledError):  # the caller's task (an RPC cancelled, a client gone)
+                self._metrics.dropped["cancelled"].inc()
+            for it in items:
                 if not it.future.done():
                     it.future.cancel()
                 elif not it.future.cancelled():
                     it.future.exception()  # retrieved: one error answers the request, the others are not logged
+            raise
         probs = np.concatenate([r[0] for r in results])
         return probs, max(r[1] for r in results), sum(r[2] for r in results), max(r[3] for r in results)
 
