@@ -36,8 +36,8 @@ PNG = "image/png"
 NPY = "application/x-npy"
 RAW = "application/octet-stream"
 MULTIPART = "multipart/form-data"
-#: JSON bodies up to this size share one parser per thread (a new one sizes its buffers on its first document,
-#: half the parse of a digit); bigger ones get their own, so no thread keeps a bulk body's buffers.
+#: JSON bodies up to this size share one parser per thread (sizing new buffers is half a digit's parse); a bigger
+#: one gets its own, freed once its numbers are out: no thread keeps a bulk body's buffers.
 REUSED_PARSER_BYTES = 64 * 1024
 _threads = threading.local()
 _MIN, _MAX = np.minimum.reduce, np.maximum.reduce
@@ -67,9 +67,8 @@ def media_type(content_type: str | None) -> str:
 
 
 def unsupported(ct: str, allowed: tuple[str, ...]) -> UnsupportedMediaType:
-    return UnsupportedMediaType(
-        f"content type {ct or '(none)'!r} is not supported here; use one of {', '.join(allowed)}"
-    )
+    return UnsupportedMediaType(f"content type {ct or '(none)'!r} is not supported here; "
+                                f"use one of {', '.join(allowed)}")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- JSON
@@ -146,6 +145,7 @@ def fast_json(body: bytes, field: str, shape: Shape) -> np.ndarray | None:
         ):
             return None
         flat = np.frombuffer(items.as_buffer(of_type="d"), dtype=np.float64)
+        del doc, items, loose  # a big body's parser (its tape: several times the body) goes before the copies
     except RuntimeError:  # the kept parser still backs a document (not expected): a new one next time
         _threads.parser = None
         return None

@@ -13,6 +13,7 @@ import hmac
 import logging
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,9 +27,11 @@ from service.state import ServiceState
 
 log = logging.getLogger("service")
 
-#: Bodies larger than this are decoded in a worker thread, so a big JSON never stalls the event loop.
+#: Bodies larger than this are decoded in the decoding thread, so a big JSON never stalls the event loop. There is
+#: one such thread: decoding holds the interpreter lock (a second thread would add no speed), and a big JSON body
+#: takes about seven times its size while it is decoded, so two at once would double that peak.
 OFF_LOOP_BYTES = 64 * 1024
-#: PNGs over this size are decoded in a worker thread too (zlib packs ~1,000 pixels per byte: a 1 KiB PNG
+#: PNGs over this size are decoded in the decoding thread too (zlib packs ~1,000 pixels per byte: a 1 KiB PNG
 #: decodes to at most about a megapixel, a few ms; a 28x28 digit is a few hundred bytes).
 PNG_ON_LOOP_BYTES = 1024
 DEADLINE_HEADER = "X-Request-Deadline-Ms"
@@ -65,6 +68,7 @@ class Core:
         self.metrics = state.metrics
         self._shapes: dict[int, decode.Shape] = {}
         self._plain: Admission | None = None  # the last admission made without a stated deadline
+        self._decoding = ThreadPoolExecutor(1, "decode")  # its thread starts with the first big body
 
     @property
     def registry(self) -> ModelRegistry:
@@ -141,7 +145,7 @@ class Core:
 
     async def decode(self, table: dict[str, decode.Decoder], content_type: str | None, body: bytes,
                      model: Model) -> np.ndarray:  # fmt: skip
-        """Pixels from a body, by media type; bodies over ``OFF_LOOP_BYTES`` are decoded in a worker thread."""
+        """Pixels from a body, by media type; bodies over ``OFF_LOOP_BYTES`` are decoded in the decoding thread."""
         if len(body) > self.settings.max_json_bytes and decode.media_type(content_type) == decode.JSON:
             raise PayloadTooLarge(f"the JSON body is {len(body)} bytes; JSON is limited to "
                                   f"{self.settings.max_json_bytes} (send .npy or raw uint8 for bulk)")  # fmt: skip
@@ -153,10 +157,10 @@ class Core:
         return await self.offload(size, decode.decode, table, content_type, body, self.shape(model))
 
     async def offload(self, size: int, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` here when ``size`` bytes are cheap to handle, else in a worker thread."""
+        """``fn(*args)`` here when ``size`` bytes are cheap to handle, else in the decoding thread (one at a time)."""
         if size <= OFF_LOOP_BYTES:
             return fn(*args)
-        return await asyncio.to_thread(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._decoding, fn, *args)
 
     # ------------------------------------------------------------------------------------------ inference
     async def infer(self, admission: Admission, images: np.ndarray, *, gone: Callable[[], bool] | None = None,

@@ -4,6 +4,8 @@ unit tests of the inference core and the decoders. No subprocess, no socket."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -211,6 +213,35 @@ async def test_a_504_names_the_deadline_that_passed(app: App) -> None:
     finally:
         gate.set()
         state.registry.default.run = real  # type: ignore[method-assign]
+
+
+async def test_big_bodies_are_decoded_off_the_loop_one_at_a_time(app: App) -> None:
+    """A big body is decoded in the core's one decoding thread, never on the event loop, and never two at once
+    (a big JSON takes several times its size while it is decoded); a small one is decoded where it arrived."""
+    _, core = app
+    loop_thread = threading.get_ident()
+    lock = threading.Lock()
+    running, most, threads = 0, 0, set()
+
+    def work(i: int) -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+            threads.add(threading.get_ident())
+        time.sleep(0.02)  # long enough for the other calls to start, were they allowed to
+        with lock:
+            running -= 1
+        return i
+
+    big = core.OFF_LOOP_BYTES + 1
+    assert await asyncio.gather(*(core.offload(big, work, i) for i in range(4))) == [0, 1, 2, 3]
+    assert most == 1
+    assert len(threads) == 1
+    assert loop_thread not in threads
+    threads.clear()
+    assert await core.offload(core.OFF_LOOP_BYTES, work, 7) == 7
+    assert threads == {loop_thread}
 
 
 # ---------------------------------------------------------------------------------------------- decoders
