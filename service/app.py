@@ -132,6 +132,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Ser
             if not await state.batcher.drain(settings.drain_timeout_s):
                 log.warning("drain timed out with work still queued")
             await state.batcher.stop()
+            core.close()
             if state.access_log is not None:
                 state.access_log.flush()
             log.info("stopped")

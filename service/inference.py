@@ -29,7 +29,7 @@ log = logging.getLogger("service")
 
 #: Bodies larger than this are decoded in the decoding thread, so a big JSON never stalls the event loop. There is
 #: one such thread: decoding holds the interpreter lock (a second thread would add no speed), and a big JSON body
-#: takes about seven times its size while it is decoded, so two at once would double that peak.
+#: takes several times its size while it is decoded, so two at once would double that peak.
 OFF_LOOP_BYTES = 64 * 1024
 #: PNGs over this size are decoded in the decoding thread too (zlib packs ~1,000 pixels per byte: a 1 KiB PNG
 #: decodes to at most about a megapixel, a few ms; a 28x28 digit is a few hundred bytes).
@@ -161,6 +161,10 @@ class Core:
         if size <= OFF_LOOP_BYTES:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._decoding, fn, *args)
+
+    def close(self) -> None:
+        """Let the decoding thread go (a decode still running finishes on its own)."""
+        self._decoding.shutdown(wait=False)
 
     # ------------------------------------------------------------------------------------------ inference
     async def infer(self, admission: Admission, images: np.ndarray, *, gone: Callable[[], bool] | None = None,
