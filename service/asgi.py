@@ -46,6 +46,15 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def headers(scope: Scope, names: tuple[bytes, ...]) -> list[str | None]:
+    """The first value of each of ``names`` (lower case), in one pass over the request's headers."""
+    found: list[str | None] = [None] * len(names)
+    for key, value in scope["headers"]:
+        if key in names and found[i := names.index(key)] is None:
+            found[i] = value.decode("latin-1")
+    return found
+
+
 def request_id(scope: Scope) -> str | None:
     state = scope.get("state")
     return state.get("request_id") if state else None
@@ -64,14 +73,14 @@ def decimal(value: str, what: str) -> int:
     return int(text)
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole body, refusing a declared or actual size over ``limit`` (413) before reading further.
+async def read_body(scope: Scope, receive: Receive, limit: int, declared: str | None) -> bytes:
+    """The whole body, refusing a ``declared`` (the ``Content-Length`` header) or actual size over ``limit`` (413)
+    before reading further.
 
     A body in several chunks with a declared ``Content-Length`` is copied once, into a buffer of that size (the
     parser delivers exactly that many bytes); a chunked one is joined at the end. A body that trickles in is
     answered by the connection guard (400 ``body_timeout``, service/guards.py).
     """
-    declared = header(scope, b"content-length")
     length = None if declared is None else decimal(declared, "Content-Length")
     if length is not None and length > limit:
         raise PayloadTooLarge(f"the body is {length} bytes; the limit is {limit}")
@@ -150,21 +159,19 @@ async def send_reply(send: Send, reply: Reply) -> None:
 
 class Endpoint:
     """A hot-route handler as an ASGI app; its ServiceErrors are answered in the route's error shape. The edge
-    calls ``reply`` and sends the reply itself: no wrapper around ``send`` on the hot path."""
+    awaits ``handler`` and sends the reply itself: no wrapper around ``send``, no extra coroutine level."""
 
     __slots__ = ("handler", "oip")
 
     def __init__(self, handler: Handler, oip: bool) -> None:
         self.handler, self.oip = handler, oip
 
-    async def reply(self, scope: Scope, receive: Receive) -> Reply:
-        try:
-            return await self.handler(scope, receive)
-        except ServiceError as exc:
-            return error_reply(exc, scope, self.oip)
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_reply(send, await self.reply(scope, receive))
+        try:
+            reply = await self.handler(scope, receive)
+        except ServiceError as exc:
+            reply = error_reply(exc, scope, self.oip)
+        await send_reply(send, reply)
 
 
 def endpoint(handler: Handler, *, oip: bool = False) -> Endpoint:
@@ -237,33 +244,39 @@ class Edge:
         extra = [(b"x-request-id", rid.encode())]
         if svc is not None and svc.draining:
             extra.append((b"connection", b"close"))
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status, started
-            if message["type"] == "http.response.start":
-                started = True
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), *extra]
-            await send(message)
-
         stats = svc.metrics.stats.route(route_label(scope["path"])) if svc is not None else None
         if stats is not None:
             stats.in_progress += 1
         app = self._dispatch(scope)
         try:
             if type(app) is Endpoint:  # a hot route: its reply is sent from here, no wrapper around ``send``
-                status, body, headers = await app.reply(scope, receive)
+                try:
+                    status, body, headers = await app.handler(scope, receive)
+                except ServiceError as exc:
+                    status, body, headers = error_reply(exc, scope, app.oip)
                 started = True
-                await send_reply(send, (status, body, [*headers, *extra]))
+                headers += extra
+                await send_reply(send, (status, body, headers))
             else:
+
+                async def send_wrapper(message: Message) -> None:
+                    nonlocal status, started
+                    if message["type"] == "http.response.start":
+                        started = True
+                        status = message["status"]
+                        message["headers"] = [*message.get("headers", ()), *extra]
+                    await send(message)
+
                 await app(scope, receive, send_wrapper)
         except Exception as exc:
             error_id = uuid.uuid4().hex[:12]
             log.error("unhandled error", extra={"request_id": rid, "error_id": error_id}, exc_info=exc)
             status = 500
             if not started:
-                body = error_json("internal_error", f"internal error (error id {error_id})", rid)
-                await send_reply(send_wrapper, json_reply(body, status=500))
+                status, body, headers = json_reply(
+                    error_json("internal_error", f"internal error (error id {error_id})", rid), status=500
+                )
+                await send_reply(send, (status, body, headers + extra))
         finally:
             elapsed = time.perf_counter() - start
             if stats is not None and svc is not None:

@@ -14,7 +14,8 @@ One consumer task owns two FIFO deques, interactive work (single images) and bul
 
 Deadlines are absolute (``loop.time()``), checked when a batch forms; one timer, armed for the earliest queued
 deadline, answers 504 to callers whose deadline passes while they wait. Results reach callers through their
-Future as ``(probabilities, queue_s, inference_s, batch_images)``.
+Future as ``(probabilities, labels, queue_s, inference_s, batch_images)``; the labels (argmax) of a batch are
+computed once for all its callers.
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ class Batcher(Queues):
             item = Item(images, model, loop.create_future(), now, deadline, why, gone, request)
             self._inline(loop, [item])
             return item.future.result()
-        items = [self._enqueue(loop, model, images[i : i + step], bulk, now, deadline, why, gone, request)
-                 for i in range(0, n, step)]  # fmt: skip
+        items = [self._enqueue(loop, model, images if step == n else images[i : i + step], bulk, now, deadline, why,
+                               gone, request) for i in range(0, n, step)]  # fmt: skip
         self._wakeup.set()
         if deadline < self._timer_at:
             self._arm(loop, deadline)
@@ -141,8 +142,8 @@ class Batcher(Queues):
                 elif not it.future.cancelled():
                     it.future.exception()  # retrieved: one error answers the request, the others are not logged
             raise
-        probs = np.concatenate([r[0] for r in results])
-        return probs, max(r[1] for r in results), sum(r[2] for r in results), max(r[3] for r in results)
+        probs, labels = np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+        return probs, labels, max(r[2] for r in results), sum(r[3] for r in results), max(r[4] for r in results)
 
     def _may_run_now(self, model: Model, n: int) -> bool:
         """Run a single image in its caller's task: nothing interactive waits or runs, the last batch held one
@@ -255,12 +256,14 @@ class Batcher(Queues):
         n = self._last_batch = x.shape[0]
         self._sec_per_image += 0.1 * (seconds / n - self._sec_per_image)
         self.engine.observe(batch[0].model, n, seconds)
+        labels = probs.argmax(axis=1).astype(np.uint8)
         waits, row = [], 0
         for it in batch:
             queue_s = started - it.enqueued
             waits.append(queue_s)
             if not it.future.done():
-                it.future.set_result((probs[row : row + it.n], queue_s, seconds, n))
+                end = row + it.n
+                it.future.set_result((probs[row:end], labels[row:end], queue_s, seconds, n))
             row += it.n
         self._metrics.observe_batch(batch[0].model, n, seconds, waits)
 

@@ -38,8 +38,9 @@ log = logging.getLogger("service.engine")
 BULK_NICE = 19
 _own = threading.local()  # a pinned bulk thread's CPU (``cpu``) and whether it keeps to it now (``pinned``)
 
-#: What a caller gets: its rows of the output, seconds queued, seconds of the engine call, images in that call.
-Result = tuple[np.ndarray, float, float, int]
+#: What a caller gets: its rows of the output, their labels (argmax, uint8), seconds queued, seconds of the engine
+#: call, images in that call.
+Result = tuple[np.ndarray, np.ndarray, float, float, int]
 #: Called after successful batches with (model, inputs float32 (N, F), probabilities, per item in order (request
 #: number, rows), whole): the chunks of one bulk request share its number; ``whole``: every item is a whole request.
 BatchObserver = Callable[["Model", np.ndarray, np.ndarray, Sequence[tuple[int, int]], bool], None]

@@ -248,8 +248,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         earlier request on this connection is being answered (pipelining): that one's response goes first."""
         if self.gate is None or self.parser.should_upgrade() or (self.cycle and not self.cycle.response_complete):
             return  # uvicorn starts no ASGI task for an upgrade: nothing would release a reservation
-        try:
-            path = httptools.parse_url(self.url).path.decode("ascii")
+        url = self.url
+        try:  # a plain origin-form target (the common case) is its own path: no URL parse
+            plain = url[:1] == b"/" and b"?" not in url and b"%" not in url and b"#" not in url
+            path = (url if plain else httptools.parse_url(url).path).decode("ascii")
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
             return  # uvicorn answers it
         refusal = self.gate.early_refusal(self.parser.get_method().decode("ascii"),
@@ -294,7 +296,5 @@ def guarded_protocol(limits: HttpLimits, gate: Gate | None = None) -> type[Guard
     class Bound(GuardedHttpToolsProtocol):
         pass
 
-    Bound.limits = limits
-    Bound.gate = gate
-    Bound.held = 0
+    Bound.limits, Bound.gate, Bound.held = limits, gate, 0
     return Bound

@@ -179,7 +179,7 @@ class Core:
             requests[transport] += 1
         n = images.shape[0]
         loop = asyncio.get_running_loop()
-        probs, queue_s, inference_s, batch_n = await self.state.batcher.submit(
+        probs, labels, queue_s, inference_s, batch_n = await self.state.batcher.submit(
             admission.model,
             images,
             bulk=n > 1 if bulk is None else bulk,
@@ -188,7 +188,6 @@ class Core:
             budget_s=admission.budget_s if admission.stated else None,
             gone=gone,
         )
-        labels = probs.argmax(axis=1).astype(np.uint8)
         pid = self.state.feedback.remember(labels)
         return Outcome(probs, labels, admission.model, pid, queue_s, inference_s, batch_n)
 

@@ -133,8 +133,10 @@ class InflightLimit:
         max_body_bytes: int = 16 * MiB,
         trim_after_bytes: int = 1 * MiB,
         trim_delay_s: float = 0.5,
+        http: ASGIApp | None = None,
     ) -> None:
         self.app = app
+        self.http = http if http is not None else app  # HTTP requests (``app`` gets the rest: lifespan)
         self.limit = limit if limit > 0 else 2**62
         self.processing = 0
         self.body_bytes = 0
@@ -201,7 +203,7 @@ class InflightLimit:
         if cost is None:
             cost = body_cost(scope, self.max_body_bytes)
             if not cost and not inference:
-                await self.app(scope, receive, send)
+                await self.http(scope, receive, send)
                 return
             refusal = self._refusal_for(scope["method"], scope["path"], cost)
             if refusal is not None:
@@ -222,7 +224,7 @@ class InflightLimit:
         # callers that hung up without a task per request; keep it reachable through the wrapper.
         setattr(counting_receive, "connection", getattr(receive, "__self__", None))  # noqa: B010
         try:
-            await self.app(scope, counting_receive if inference else receive, send)
+            await self.http(scope, counting_receive if inference else receive, send)
         finally:
             if counted:
                 self.processing -= 1

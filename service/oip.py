@@ -200,7 +200,7 @@ class Oip:
         core = self.core()
         settings = core.settings
         params = scope.get("path_params", {})
-        body = await read_body(scope, receive, settings.max_body_bytes)
+        body = await read_body(scope, receive, settings.max_body_bytes, header(scope, b"content-length"))
         model = core.registry.get(params.get("name"), params.get("version"))
         encoding = header(scope, b"content-encoding")
         req = await core.offload(len(body) if encoding is None else core.OFF_LOOP_BYTES + 1, _parse, body, encoding,

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope
 
 from service import decode
-from service.asgi import Reply, documented, endpoint, gone_probe, header, json_reply, read_body, request_id
+from service.asgi import Reply, documented, endpoint, gone_probe, header, headers, json_reply, read_body, request_id
 from service.asgi import client as client_of
 from service.errors import InvalidInput, MalformedBody, NotFound, error_json
 from service.inference import Core, Outcome
@@ -36,6 +36,7 @@ from service.schemas import (
 )
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
+_INFER_HEADERS = (b"content-type", b"content-length", b"x-request-deadline-ms")
 #: Feedback bodies are tiny; anything bigger is refused before it is read.
 FEEDBACK_BODY_BYTES = 4096
 
@@ -64,14 +65,14 @@ class Rest:
 
     async def _infer(self, scope: Scope, receive: Receive, table: dict[str, decode.Decoder]) -> Outcome:
         core = self.core()
-        ct = header(scope, b"content-type")
+        ct, length, deadline = headers(scope, _INFER_HEADERS)
         media = decode.media_type(ct)
         if media not in table:
             raise decode.unsupported(media, tuple(table))
         limit = core.settings.max_json_bytes if media == decode.JSON else core.settings.max_body_bytes
-        admission = core.admit(core.deadline_ms(header(scope, b"x-request-deadline-ms")))
-        core.room_for(media, header(scope, b"content-length"), admission.model, limit)
-        body = await read_body(scope, receive, limit)
+        admission = core.admit(core.deadline_ms(deadline))
+        core.room_for(media, length, admission.model, limit)
+        body = await read_body(scope, receive, limit, length)
         images = await core.decode(table, ct, body, admission.model)
         del body
         return await core.infer(admission, images, gone=gone_probe(receive))
@@ -111,7 +112,7 @@ class Rest:
         ct = decode.media_type(header(scope, b"content-type"))
         if ct != decode.JSON:
             raise decode.unsupported(ct, (decode.JSON,))
-        body = await read_body(scope, receive, FEEDBACK_BODY_BYTES)
+        body = await read_body(scope, receive, FEEDBACK_BODY_BYTES, header(scope, b"content-length"))
         try:
             fb = _FEEDBACK.decode(body)
         except msgspec.ValidationError as exc:

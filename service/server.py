@@ -25,7 +25,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service import logs
-from service.app import create_app
+from service.app import ServiceApp, create_app
 from service.errors import ModelLoadError
 from service.guards import HttpLimits, guarded_protocol
 from service.inflight import InflightLimit, limit_malloc_arenas
@@ -103,6 +103,7 @@ def build_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
         on_refuse=_count_refusal(app),
         max_body_bytes=settings.max_body_bytes,
         max_body_bytes_in_flight=settings.max_inflight_body_bytes,
+        http=app.outer if isinstance(app, ServiceApp) else None,  # the edge at once, past FastAPI's __call__
     )
     return uvicorn.Config(
         inflight,

@@ -116,8 +116,10 @@ async def hold(gate: Gate, b: Batcher, model: Model) -> asyncio.Task[Result]:
 
 
 async def test_idle_request_runs_at_once_alone(batcher: Batcher, model: Model, gate: Gate) -> None:
-    probs, queue_s, _, batch_n = await submit(batcher, model, images(1))
+    probs, labels, queue_s, _, batch_n = await submit(batcher, model, images(1))
     assert probs.shape == (1, 10)
+    assert labels.dtype == np.uint8
+    assert labels.tolist() == probs.argmax(axis=1).tolist()
     assert batch_n == 1
     assert queue_s >= 0
     assert len(gate.batches) == 1
@@ -132,9 +134,10 @@ async def test_requests_queued_while_a_batch_runs_share_the_next_batch(batcher: 
     await first
     results = await asyncio.gather(*rest)
     assert [len(b) for b in gate.batches] == [1, 5]
-    for i, (probs, _, _, batch_n) in enumerate(results):  # each caller gets its own row back
+    for i, (probs, labels, _, _, batch_n) in enumerate(results):  # each caller gets its own row back
         assert batch_n == 5
         np.testing.assert_allclose(probs, gate.real_run(images(1, 0.2 + i / 100)), rtol=1e-5)
+        assert labels.tolist() == probs.argmax(axis=1).tolist()
 
 
 async def test_batches_never_exceed_max_batch_size(batcher: Batcher, model: Model, gate: Gate) -> None:
@@ -246,11 +249,13 @@ async def test_bulk_uint8_is_chunked_and_scaled_off_the_event_loop(model: Model,
     b = make_batcher(bulk_chunk_images=4)
     async with running(b):
         x = np.arange(10 * 784, dtype=np.int64).reshape(10, 784).astype(np.uint8)
-        probs, _, _, _ = await submit(b, model, x, bulk=True)
+        probs, labels, _, _, _ = await submit(b, model, x, bulk=True)
         assert [len(c) for c in gate.batches] == [4, 4, 2]
         assert all(c.dtype == np.float32 for c in gate.batches)
         np.testing.assert_allclose(np.concatenate(gate.batches), x / np.float32(255), rtol=1e-6)
         np.testing.assert_allclose(probs, gate.real_run(x / np.float32(255)), rtol=1e-5)
+        assert labels.dtype == np.uint8
+        assert labels.tolist() == probs.argmax(axis=1).tolist()
         assert threading.get_ident() not in gate.threads
 
 
@@ -438,7 +443,8 @@ async def test_a_single_image_at_low_load_runs_in_its_callers_task_and_bursts_st
         burst = await asyncio.gather(*(submit(b, model, images(1)) for _ in range(8)))  # one loop iteration
         assert [len(x) for x in gate.batches] == [1, 1, 7]  # the burst's first ran at once, the rest as one batch
         assert set(gate.threads) == {loop_thread}
-        assert [r[3] for r in burst] == [1] + [7] * 7
+        assert [r[4] for r in burst] == [1] + [7] * 7
+        assert all(r[1].tolist() == r[0].argmax(axis=1).tolist() for r in burst)  # each caller its own row's label
         await submit(b, model, images(1))  # the last batch held 7: this one goes through the queue...
         await submit(b, model, images(1))  # ... and, the load low again, this one at once
         assert [len(x) for x in gate.batches][3:] == [1, 1]
