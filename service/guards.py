@@ -26,34 +26,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.parse
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.wire import OneWrite, error_response, framing_refusal, request_id, v2_path
+from service.wire import Gate, HttpLimits, OneWrite, error_response, framing_refusal, request_id, v2_path
 
 log = logging.getLogger("service.guards")
 
-MiB = 1024 * 1024
-Headers = list[tuple[bytes, bytes]]
 MAX_HELD_REFUSALS = 1024  # held at once (each an fd, ~10 KiB, its unread bytes in the kernel); beyond: at once
-
-
-@dataclass(frozen=True)
-class HttpLimits:
-    max_header_bytes: int = 32 * 1024
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 10.0
-    max_body_bytes: int = 16 * MiB
-    refusal_delay_s: float = 1.0
-
-
-class Gate(Protocol):
-    """Admission from the headers (``InflightLimit``): a 503's headers and body, or None to go on."""
-
-    def early_refusal(self, method: str, path: str, scope: Any) -> tuple[Headers, bytes] | None: ...
 
 
 class _Refused(Exception):
@@ -73,7 +55,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._body_bytes = 0
         self._refusal: tuple[int, str, str, str | None, bool] | None = None
         self._early: bytes | None = None  # the gate's 503, a complete response
-        self._held, self._on_due = False, self._header_timeout
+        self._held, self._on_due, self._idle = False, self._header_timeout, False  # _idle: the keep-alive wait
         self._read_timer: asyncio.TimerHandle | None = None
         self._due: float | None = None  # when ``_on_due`` runs (loop time); None: no deadline
         self._arm(self.limits.header_timeout_s, self._header_timeout)
@@ -90,7 +72,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         events = self._events
-        self._unset_keepalive_if_required()
+        if self._idle:  # the keep-alive wait ends with the first byte: the headers get their time from now
+            self._idle = False
+            self._arm(self.limits.header_timeout_s, self._header_timeout)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -109,9 +93,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._answer(*self._too_large_headers())
 
     # -------------------------------------------------------------- timers
-    # One deadline per connection (headers, body, or a held refusal) and at most one timer handle: a later
-    # deadline arms nothing (the pending handle re-arms for what is left when it fires), so a request on a
-    # kept-alive connection costs no timer of its own.
+    # One deadline per connection (headers, body, keep-alive or a held refusal) and at most one timer handle: a
+    # later deadline arms nothing (the pending handle re-arms for what is left when it fires), so a request on a
+    # kept-alive connection costs no timer of its own (uvicorn's keep-alive timer was one per response).
     def _arm(self, delay_s: float, callback: Any) -> None:
         self._due, self._on_due = (due := self.loop.time() + delay_s), callback
         if (handle := self._read_timer) is None or handle.when() > due:
@@ -281,13 +265,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._events += 1
         self._in_head, self._head_bytes, self._due = True, 0, None
         super().on_message_complete()
-        cycle = self.cycle
-        if cycle.response_complete and self.timeout_keep_alive_task is None and not self.transport.is_closing():
-            # Answered before its body was in (a 4xx, a route that needs no body): uvicorn armed the keep-alive
-            # timer then, and each body chunk since cancelled it; without this the idle connection stays open.
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
+        if self.cycle.response_complete and not self.transport.is_closing():  # answered before its body was in
+            self._keep_alive()
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, the keep-alive timeout armed as the connection's one deadline: only once the request is
+        all in and no next one has begun (a body still arriving keeps its timeout; see on_message_complete)."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        elif self._in_head and self._due is None:
+            self._keep_alive()
+
+    def _keep_alive(self) -> None:
+        self._idle = True
+        self._arm(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
 
 def guarded_protocol(limits: HttpLimits, gate: Gate | None = None) -> type[GuardedHttpToolsProtocol]:

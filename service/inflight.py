@@ -17,7 +17,7 @@ from collections.abc import Callable
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.guards import MiB
+from service.wire import MiB
 
 log = logging.getLogger("service.inflight")
 

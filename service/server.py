@@ -27,11 +27,12 @@ from fastapi import FastAPI
 from service import logs
 from service.app import ServiceApp, create_app
 from service.errors import ModelLoadError
-from service.guards import HttpLimits, guarded_protocol
+from service.guards import guarded_protocol
 from service.inflight import InflightLimit, limit_malloc_arenas
 from service.registry import ModelRegistry
 from service.settings import InvalidSettings, Settings, settings_from_args
 from service.state import ServiceState
+from service.wire import HttpLimits
 
 log = logging.getLogger("service.server")
 

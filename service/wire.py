@@ -1,6 +1,6 @@
-"""HTTP/1.1 details of the guarded protocol (service/guards.py): the framing rules a request must pass before it
-reaches the app, whole error responses in the service's shape, and the request cycle's transport that sends a
-response's head and body in one ``send``.
+"""HTTP/1.1 details of the guarded protocol (service/guards.py): its limits, the framing rules a request must pass
+before it reaches the app, whole error responses in the service's shape, and the request cycle's transport that
+sends a response's head and body in one ``send``.
 
 uvicorn's request cycle writes the status line and headers as soon as the app sends ``http.response.start``,
 and the body at ``http.response.body``: two ``send`` calls, and two wake-ups of the client, per response.
@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
@@ -20,6 +21,23 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from service.errors import error_json, oip_error_json
 
 _SAFE_ID = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+MiB = 1024 * 1024
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    max_header_bytes: int = 32 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    max_body_bytes: int = 16 * MiB
+    refusal_delay_s: float = 1.0
+
+
+class Gate(Protocol):
+    """Admission from the headers (``InflightLimit``): a 503's headers and body, or None to go on."""
+
+    def early_refusal(self, method: str, path: str, scope: Any) -> tuple[Headers, bytes] | None: ...
 
 
 def error_response(status: int, code: str, message: str, request_id: str | None = None, *, v2: bool = False) -> bytes:

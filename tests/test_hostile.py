@@ -396,6 +396,23 @@ def test_a_connection_answered_before_its_body_ended_is_closed_when_idle(server:
     assert parse(first + rest)[0] == 200
 
 
+def test_a_kept_alive_connection_is_served_until_idle_for_the_keep_alive_timeout(server: Server) -> None:
+    """A next request sent within the keep-alive timeout (5 s) is served on the same connection; a connection idle
+    after its answer is closed by the server, not before the timeout."""
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.settimeout(30)
+        for _ in range(2):
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b'"alive"}'):
+                answer += s.recv(65536) or pytest.fail(f"closed while idle for less than the timeout: {answer!r}")
+            assert parse(answer)[0] == 200
+            time.sleep(1)
+        idle_from = time.monotonic() - 1
+        assert read_until_closed(s, 30) == b""
+    assert time.monotonic() - idle_from >= 4.5  # never before the timeout (a timer may fire late, not early)
+
+
 def test_no_redirect_is_built_from_the_host_header(server: Server) -> None:
     for path in ("/v1/models/", "/docs/", "/v1/predict/"):
         data = send_then_read(server.port, f"GET {path} HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
@@ -475,7 +492,8 @@ def _guarded_server(app: Any, loop: str, **limits: Any) -> Iterator[Any]:
     """A real uvicorn (httptools) in a thread of this process, with the service's guarded protocol."""
     import uvicorn
 
-    from service.guards import HttpLimits, guarded_protocol
+    from service.guards import guarded_protocol
+    from service.wire import HttpLimits
 
     config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), loop=loop, lifespan="off", log_config=None,
                             http=guarded_protocol(HttpLimits(**limits)))  # fmt: skip
