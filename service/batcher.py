@@ -57,6 +57,8 @@ class Batcher(Queues):
         self.bulk_parallel = self.engine.bulk_parallel
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # The loop it runs on, kept: on Python 3.11 ``asyncio.get_running_loop()`` is a getpid() system call.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = True
         self._sec_per_image = 2e-5  # for Retry-After and deadline admission (exponentially weighted)
         self.inline_max_s = 0.0  # the longest batch run on the event loop so far (the loop's worst stall)
@@ -67,7 +69,8 @@ class Batcher(Queues):
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._run(), name="batcher")
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new work, let queued and running batches finish. True if all finished in time."""
@@ -85,12 +88,17 @@ class Batcher(Queues):
             self._task = None
         if self._timer is not None:
             self._timer.cancel()
+        self._loop = None
         self._observations.flush()
         for q in self._queues:
             while q:
                 if not (it := q.popleft()).future.done():
                     it.future.set_exception(Draining())
         self.engine.shutdown()
+
+    def now(self) -> float:
+        """The clock deadlines are read against: the event loop's (``loop.time()``)."""
+        return (self._loop or asyncio.get_running_loop()).time()
 
     @property
     def busy(self) -> bool:
@@ -114,13 +122,13 @@ class Batcher(Queues):
         """
         n = images.shape[0]
         self._admit(n, bulk, budget_s)
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         now = loop.time()
         step = self._chunk_images(self._queued[1] + n, now) if bulk else n
         if not bulk:
             self._single_at = now
         request = next(self._requests)
-        if not bulk and self._may_run_now(model, n):  # low load: no hand-off to the consumer task and back
+        if not bulk and self._may_run_now(loop, model, n):  # low load: no hand-off to the consumer task and back
             item = Item(images, model, loop.create_future(), now, deadline, why, gone, request)
             self._inline(loop, [item])
             return item.future.result()
@@ -145,7 +153,7 @@ class Batcher(Queues):
         probs, labels = np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
         return probs, labels, max(r[2] for r in results), sum(r[3] for r in results), max(r[4] for r in results)
 
-    def _may_run_now(self, model: Model, n: int) -> bool:
+    def _may_run_now(self, loop: asyncio.AbstractEventLoop, model: Model, n: int) -> bool:
         """Run a single image in its caller's task: nothing interactive waits or runs, the last batch held one
         image, it is cheap (inline budget), and none ran so yet in this loop iteration (later arrivals batch)."""
         if self._hot or self._last_batch > 1 or self._queued[0] or self._running[0] or self.max_wait_s > 0:
@@ -154,7 +162,7 @@ class Batcher(Queues):
         if cost is None or cost > self.inline_budget_s:
             return False
         self._hot = True
-        asyncio.get_running_loop().call_soon(setattr, self, "_hot", False)
+        loop.call_soon(setattr, self, "_hot", False)
         return True
 
     def _bulk_threads(self, now: float) -> int:

@@ -178,12 +178,12 @@ class Core:
         if transport in requests:
             requests[transport] += 1
         n = images.shape[0]
-        loop = asyncio.get_running_loop()
-        probs, labels, queue_s, inference_s, batch_n = await self.state.batcher.submit(
+        batcher = self.state.batcher
+        probs, labels, queue_s, inference_s, batch_n = await batcher.submit(
             admission.model,
             images,
             bulk=n > 1 if bulk is None else bulk,
-            deadline=loop.time() + admission.budget_s,
+            deadline=batcher.now() + admission.budget_s,
             why=admission.why,
             budget_s=admission.budget_s if admission.stated else None,
             gone=gone,
