@@ -211,20 +211,27 @@ class InflightLimit:
                 return
             self.body_bytes += cost
         counted = False
+        cycle = getattr(receive, "__self__", None)  # uvicorn's request cycle
+        if inference and getattr(cycle, "more_body", True) is False:  # the body is all in already: counted now
+            self.processing, counted = self.processing + 1, True
 
-        async def counting_receive() -> Message:
-            nonlocal counted
-            message = await receive()
-            if not counted and message["type"] == "http.request" and not message.get("more_body", False):
-                self.processing += 1
-                counted = True
-            return message
+        if inference and not counted:  # counted when its last chunk is read
+            inner = receive
 
-        # The batcher reads the connection state from ``receive.__self__`` (uvicorn's request cycle) to drop
-        # callers that hung up without a task per request; keep it reachable through the wrapper.
-        setattr(counting_receive, "connection", getattr(receive, "__self__", None))  # noqa: B010
+            async def counting_receive() -> Message:
+                nonlocal counted
+                message = await inner()
+                if not counted and message["type"] == "http.request" and not message.get("more_body", False):
+                    self.processing += 1
+                    counted = True
+                return message
+
+            # The batcher reads the connection state from ``receive.__self__`` (uvicorn's request cycle) to drop
+            # callers that hung up without a task per request; keep it reachable through the wrapper.
+            setattr(counting_receive, "connection", cycle)  # noqa: B010
+            receive = counting_receive
         try:
-            await self.http(scope, counting_receive if inference else receive, send)
+            await self.http(scope, receive, send)
         finally:
             if counted:
                 self.processing -= 1
