@@ -46,7 +46,7 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def headers(scope: Scope, names: tuple[bytes, ...]) -> list[str | None]:
+def header_values(scope: Scope, names: tuple[bytes, ...]) -> list[str | None]:
     """The first value of each of ``names`` (lower case), in one pass over the request's headers."""
     found: list[str | None] = [None] * len(names)
     for key, value in scope["headers"]:

@@ -19,7 +19,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope
 
 from service import decode
-from service.asgi import Reply, documented, endpoint, gone_probe, header, headers, json_reply, read_body, request_id
+from service.asgi import (
+    Reply,
+    documented,
+    endpoint,
+    gone_probe,
+    header,
+    header_values,
+    json_reply,
+    read_body,
+    request_id,
+)
 from service.asgi import client as client_of
 from service.errors import InvalidInput, MalformedBody, NotFound, error_json
 from service.inference import Core, Outcome
@@ -65,7 +75,7 @@ class Rest:
 
     async def _infer(self, scope: Scope, receive: Receive, table: dict[str, decode.Decoder]) -> Outcome:
         core = self.core()
-        ct, length, deadline = headers(scope, _INFER_HEADERS)
+        ct, length, deadline = header_values(scope, _INFER_HEADERS)
         media = decode.media_type(ct)
         if media not in table:
             raise decode.unsupported(media, tuple(table))
