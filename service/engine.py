@@ -198,7 +198,7 @@ class Observations:
     interactive batches (inline or on the engine thread, a few dozen images at most) are gathered and observed
     64 images (or 0.25 s) at a time on the event loop, one vectorized observer call for several batches (about
     25 us for 64 images). Handing that call to a thread cost far more: the two threads then pass the interpreter
-    lock back and forth at every numpy call of either (docs/performance.md)."""
+    lock back and forth at every numpy call of either (docs/design.md)."""
 
     def __init__(self, engine: Engine, observer: BatchObserver | None) -> None:
         self.engine = engine

@@ -154,11 +154,11 @@ class Settings(BaseSettings):
         True,
         description="After warm-up, move start-up objects out of the cyclic garbage collector's reach (gc.freeze) "
         "and collect the young generation every 10,000 allocations instead of 700: full collections otherwise "
-        "pause the event loop for tens of ms (docs/performance.md).",
+        "pause the event loop while they walk every object the imports and the model left behind.",
     )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "asyncio",
-        description="asyncio: fair to new connections under overload; uvloop: no measurable throughput gain for "
+        description="asyncio: fair to new connections under overload; uvloop: no consistent throughput gain for "
         "this service (docs/performance.md), and it starves new connections (probes included) while many busy ones "
         "are open (docs/reliability.md).",
     )
