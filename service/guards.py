@@ -14,11 +14,16 @@ the service's JSON error shape, every answer closing the connection:
 - 501 ``unsupported_transfer_encoding`` for any transfer coding but ``chunked``; 400
   ``invalid_transfer_encoding`` for ``Transfer-Encoding`` on HTTP/1.0 (RFC 9112, 6.1) or an empty coding;
 - 400 ``body_timeout`` when the body has not fully arrived ``body_timeout_s`` after the headers and no response
-  has started, unless this server is the one late (reading paused until the app takes what was read);
+  has started, unless this server is the one late (reading paused until the app takes what was read, or bytes
+  sent and not yet read);
 - 503 ``too_many_requests`` from the ``gate`` (``InflightLimit``, service/inflight.py), decided from the headers
   (no ASGI task, no body parsed), held ``refusal_delay_s`` (the ``Retry-After``) with reading paused for up to
   ``MAX_HELD_REFUSALS`` connections: a client retrying at once retries once per delay, not as fast as the loop
   can refuse (which starved ``/healthz``: reliability.md).
+
+A body up to ``hold_body_bytes`` reaches the app whole, in one message and one copy, once it is all in; uvicorn
+hands a body over as it comes: a copy into its buffer and a wake-up of the app per piece, reading paused past
+64 KiB until the app takes it, and a copy out.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.parse
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.wire import Gate, HttpLimits, OneWrite, error_response, framing_refusal, request_id, v2_path
+from service import wire
+from service.wire import Gate, HttpLimits, OneTimer, OneWrite, error_response, framing_refusal, request_id, v2_path
 
 log = logging.getLogger("service.guards")
 
@@ -42,7 +48,7 @@ class _Refused(Exception):
     """Raised inside a parser callback to stop parsing: httptools turns it into HttpParserCallbackError."""
 
 
-class GuardedHttpToolsProtocol(HttpToolsProtocol):
+class GuardedHttpToolsProtocol(OneTimer, HttpToolsProtocol):
     limits: ClassVar[HttpLimits] = HttpLimits()
     gate: ClassVar[Gate | None] = None
     held: ClassVar[int] = 0  # refusals being held, this server's
@@ -53,6 +59,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes, self._in_head = 0, True  # bytes received while the headers were incomplete (buffered)
         self._events = 0  # headers-complete / message-complete events: a chunk with one is not all headers
         self._body_bytes = 0
+        self._parts: list[bytes] | None = None  # the body held so far (on_body)
         self._refusal: tuple[int, str, str, str | None, bool] | None = None
         self._early: bytes | None = None  # the gate's 503, a complete response
         self._held, self._on_due, self._idle = False, self._header_timeout, False  # _idle: the keep-alive wait
@@ -68,7 +75,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # a closed connection, and a body it read but the app never took (a 413), at once, not at the next GC pass.
         if self.cycle is not None:
             self.cycle.body = bytearray()
-        self.cycle, self._on_due = None, lambda: None  # type: ignore[assignment]
+        self.cycle, self._on_due, self._parts = None, lambda: None, None  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         events = self._events
@@ -92,30 +99,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if self._head_bytes > self.limits.max_header_bytes:
                 self._answer(*self._too_large_headers())
 
-    # -------------------------------------------------------------- timers
-    # One deadline per connection (headers, body, keep-alive or a held refusal) and at most one timer handle: a
-    # later deadline arms nothing (the pending handle re-arms for what is left when it fires), so a request on a
-    # kept-alive connection costs no timer of its own (uvicorn's keep-alive timer was one per response).
-    def _arm(self, delay_s: float, callback: Any) -> None:
-        self._due, self._on_due = (due := self.loop.time() + delay_s), callback
-        if (handle := self._read_timer) is None or handle.when() > due:
-            self._cancel_timer(keep_due=True)
-            self._read_timer = self.loop.call_at(due, self._fire)
-
-    def _cancel_timer(self, keep_due: bool = False) -> None:
-        self._due = self._due if keep_due else None
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
-
-    def _fire(self) -> None:
-        self._read_timer, due = None, self._due
-        if due is not None and due > self.loop.time():
-            self._read_timer = self.loop.call_at(due, self._fire)
-        elif due is not None:
-            self._due = None
-            self._on_due()
-
     def _header_timeout(self) -> None:
         if self.transport.is_closing():
             return
@@ -131,7 +114,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.response_complete:  # answered already (a 413, say): only close
             self.transport.close()
             return
-        if self.flow.read_paused:  # the app has not taken what was read: this server is late, not the client
+        if self.flow.read_paused or wire.unread_bytes(self.transport):  # the app has not taken what was read, or the
+            # loop has not read what was sent (a stalled loop reads 256 KiB per turn): this server is late
             self._arm(limit, self._body_timeout)
             return
         log.info("closing a connection whose request body did not arrive in time",
@@ -217,6 +201,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._events += 1
         self._in_head, self._head_bytes, self._body_bytes = False, 0, 0
+        self._parts = None if self.parser.should_upgrade() else []
         self._check_framing()
         self._admit()
         self._arm(self.limits.body_timeout_s, self._body_timeout)
@@ -259,11 +244,29 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             rid = (self.cycle.scope.get("state") or {}).get("request_id")
             message, v2 = f"the body exceeds the limit of {limit} bytes", v2_path(self.url)
             self._refuse(413, "payload_too_large", message, rid, v2)
-        super().on_body(body)
+        # Held whole up to ``hold_body_bytes``: uvicorn would copy each piece into its buffer, wake the app for
+        # it, pause reading past 64 KiB until the app takes it, and copy the buffer out again.
+        if (
+            self._parts is not None
+            and self._body_bytes <= self.limits.hold_body_bytes
+            and not self.cycle.response_complete
+        ):
+            self._parts.append(body)
+        else:
+            self._release()
+            super().on_body(body)
+
+    def _release(self) -> None:
+        """The held body to the request cycle, as one ``bytes`` (``receive`` passes it on without a copy)."""
+        parts, self._parts, cycle = self._parts, None, self.cycle
+        if parts and cycle is not None and not cycle.response_complete:
+            whole = parts[0] if len(parts) == 1 else b"".join(parts)
+            cycle.body = cycle.body + whole if cycle.body else whole  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         self._events += 1
         self._in_head, self._head_bytes, self._due = True, 0, None
+        self._release()
         super().on_message_complete()
         if self.cycle.response_complete and not self.transport.is_closing():  # answered before its body was in
             self._keep_alive()

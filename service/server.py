@@ -97,6 +97,7 @@ def build_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
         body_timeout_s=settings.body_timeout_s,  # the protocol answers 400 body_timeout, whatever the route
         max_body_bytes=settings.max_body_bytes,
         refusal_delay_s=settings.refusal_delay_s,
+        hold_body_bytes=settings.body_hold_bytes,
     )
     inflight = InflightLimit(  # a request limit of 0 means none; the body budget always applies
         app,

@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         10.0, gt=0, description="A request body must fully arrive within this (400 body_timeout / closed)."
     )
+    body_hold_bytes: int = Field(
+        1024 * 1024, ge=0, description="Request bodies up to this size reach the app whole (0: 64 KiB at a time)."
+    )
     timeout_keep_alive_s: int = Field(5, ge=1, description="Idle keep-alive connections close after this.")
     max_inflight_body_bytes: int = Field(
         64 * 1024 * 1024,
@@ -141,9 +144,8 @@ class Settings(BaseSettings):
         1.0,
         ge=0,
         le=10,
-        description="Seconds a 503 from the in-flight limit or the body budget is held (reading paused, up to 1,024 "
-        "connections) before it is sent, like its Retry-After: clients retrying at once cannot keep the event loop "
-        "busy refusing; 0 answers at once.",
+        description="Seconds a 503 of the in-flight limits is held (reading paused, up to 1,024 connections), like its "
+        "Retry-After: clients retrying at once cannot keep the event loop busy refusing; 0 answers at once.",
     )
     max_inflight_requests: int = Field(
         1024,
@@ -152,15 +154,13 @@ class Settings(BaseSettings):
     )
     gc_tuning: bool = Field(
         True,
-        description="After warm-up, move start-up objects out of the cyclic garbage collector's reach (gc.freeze) "
-        "and collect the young generation every 10,000 allocations instead of 700: full collections otherwise "
-        "pause the event loop while they walk every object the imports and the model left behind.",
+        description="After warm-up, freeze start-up objects (gc.freeze) and collect the young generation every 10,000 "
+        "allocations, not 700: full collections otherwise pause the loop to walk every start-up object.",
     )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "asyncio",
-        description="asyncio: fair to new connections under overload; uvloop: no consistent throughput gain for "
-        "this service (docs/performance.md), and it starves new connections (probes included) while many busy ones "
-        "are open (docs/reliability.md).",
+        description="asyncio: fair to new connections under overload; uvloop: no consistent gain here "
+        "(docs/performance.md), and it starves new connections while many busy ones are open (docs/reliability.md).",
     )
 
     @field_validator("cors_origins", mode="before")

@@ -1,6 +1,6 @@
 """HTTP/1.1 details of the guarded protocol (service/guards.py): its limits, the framing rules a request must pass
-before it reaches the app, whole error responses in the service's shape, and the request cycle's transport that
-sends a response's head and body in one ``send``.
+before it reaches the app, whole error responses in the service's shape, the request cycle's transport that
+sends a response's head and body in one ``send``, and the connection's one timer.
 
 uvicorn's request cycle writes the status line and headers as soon as the app sends ``http.response.start``,
 and the body at ``http.response.body``: two ``send`` calls, and two wake-ups of the client, per response.
@@ -10,6 +10,9 @@ and the body at ``http.response.body``: two ``send`` calls, and two wake-ups of 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import struct
+import termios
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ class HttpLimits:
     body_timeout_s: float = 10.0
     max_body_bytes: int = 16 * MiB
     refusal_delay_s: float = 1.0
+    hold_body_bytes: int = MiB  # a body up to this size is read whole before the app is woken (0: as it comes)
 
 
 class Gate(Protocol):
@@ -91,6 +95,15 @@ def v2_path(url: bytes) -> bool:
         return False
 
 
+def unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes the peer sent that the server has not read yet (the kernel's receive queue); 0 if unknown."""
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 class OneWrite:
     """The request cycle's transport, holding the response head until the body's first write: one ``send`` (and
     one wake-up of the client) per response instead of two. A response with no body write (an answer to HEAD)
@@ -129,3 +142,34 @@ class OneWrite:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+class OneTimer:
+    """One deadline per connection (headers, body, keep-alive or a held refusal) and at most one timer handle: a
+    later deadline arms nothing (the pending handle re-arms for what is left when it fires), so a request on a
+    kept-alive connection costs no timer of its own (uvicorn's keep-alive timer was one per response)."""
+
+    loop: asyncio.AbstractEventLoop
+    _due: float | None  # when ``_on_due`` runs (loop time); None: no deadline
+    _on_due: Callable[[], None]
+    _read_timer: asyncio.TimerHandle | None
+
+    def _arm(self, delay_s: float, callback: Any) -> None:
+        self._due, self._on_due = (due := self.loop.time() + delay_s), callback
+        if (handle := self._read_timer) is None or handle.when() > due:
+            self._cancel_timer(keep_due=True)
+            self._read_timer = self.loop.call_at(due, self._fire)
+
+    def _cancel_timer(self, keep_due: bool = False) -> None:
+        self._due = self._due if keep_due else None
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _fire(self) -> None:
+        self._read_timer, due = None, self._due
+        if due is not None and due > self.loop.time():
+            self._read_timer = self.loop.call_at(due, self._fire)
+        elif due is not None:
+            self._due = None
+            self._on_due()

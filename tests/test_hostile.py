@@ -430,11 +430,12 @@ def slow_server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def _trickle(port: int, path: str, interval_s: float) -> tuple[bytes, float]:
-    """Headers declaring 500 bytes, then one body byte every ``interval_s``: (answer, seconds after headers)."""
+    """Headers declaring 500 bytes, then one body byte every ``interval_s``: (answer, seconds since the headers
+    were sent; taken before sending them, as a server in this process may read them before the send returns)."""
     with socket.create_connection(("127.0.0.1", port)) as s:
+        start = time.monotonic()
         s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n"
                   "\r\n".encode())  # fmt: skip
-        start = time.monotonic()
         s.settimeout(interval_s)
         data = b""
         for _ in range(500):
@@ -535,6 +536,54 @@ def test_a_body_the_server_is_late_to_read_is_not_a_client_timeout(late_server: 
     data, seconds = _trickle(late_server, "/", 0.25)
     assert_service_error(data, 400, "body_timeout")
     assert seconds >= 1.0
+
+
+async def _counting_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers ``<messages>,<bytes>``: how many ``http.request`` messages its body came in, and its size."""
+    if scope["type"] != "http":
+        return
+    messages, size, more = 0, 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        messages, size, more = messages + 1, size + len(message["body"]), message.get("more_body", False)
+    body = b"%d,%d" % (messages, size)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _send_in_pieces(port: int, size: int, *, chunked: bool = False) -> tuple[int, int]:
+    """A body of ``size`` bytes in 64 KiB pieces 10 ms apart (each its own read), plainly or chunked: the app's
+    (messages, bytes)."""
+    piece = 64 * 1024
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % size
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n%s\r\nConnection: close\r\n\r\n" % framing)
+        for start in range(0, size, piece):
+            data = b"x" * min(piece, size - start)
+            s.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            time.sleep(0.01)
+        if chunked:
+            s.sendall(b"0\r\n\r\n")
+        status, _, body = parse(read_until_closed(s, 30))
+    assert status == 200, body
+    messages, got = (int(v) for v in body.split(b","))
+    assert got == size
+    return messages, got
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_up_to_the_hold_reaches_the_app_whole_in_one_message(chunked: bool) -> None:
+    """``hold_body_bytes``: a body that arrives in many reads is handed over once, whole; a bigger one, and any
+    with the hold off (uvicorn's way), in several messages, every byte there."""
+    with _guarded_server(_counting_app, "asyncio", hold_body_bytes=MiB) as server:
+        port = server.config.port
+        assert _send_in_pieces(port, 800 * 1024, chunked=chunked) == (1, 800 * 1024)
+        assert _send_in_pieces(port, MiB, chunked=chunked) == (1, MiB)  # at the hold: still whole
+        assert _send_in_pieces(port, 2 * MiB, chunked=chunked)[0] > 1
+    with _guarded_server(_counting_app, "asyncio", hold_body_bytes=0) as server:
+        assert _send_in_pieces(server.config.port, 800 * 1024, chunked=chunked)[0] > 1
 
 
 async def _refusing_app(scope: dict[str, Any], receive: Any, send: Any) -> None:

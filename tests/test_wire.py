@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.wire import OneWrite, framing_refusal, v2_path
+from service.wire import OneWrite, framing_refusal, unread_bytes, v2_path
 from tests.helpers import Server, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +84,25 @@ def drive(*steps: bytes | str) -> tuple[list[list[bytes]], Recorder, list[str]]:
 
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
+
+
+class _SocketTransport:
+    def __init__(self, sock: object) -> None:
+        self.sock = sock
+
+    def get_extra_info(self, name: str) -> object:
+        return self.sock if name == "socket" else None
+
+
+def test_unread_bytes_counts_what_the_peer_sent_and_the_server_has_not_read() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        assert unread_bytes(_SocketTransport(b)) == 0  # type: ignore[arg-type]
+        a.sendall(b"x" * 1000)
+        assert unread_bytes(_SocketTransport(b)) == 1000  # type: ignore[arg-type]
+        b.recv(600)
+        assert unread_bytes(_SocketTransport(b)) == 400  # type: ignore[arg-type]
+    assert unread_bytes(_SocketTransport(None)) == 0  # type: ignore[arg-type]  # no socket: unknown, 0
 
 
 def test_head_and_body_go_out_in_one_write() -> None:
