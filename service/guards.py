@@ -21,8 +21,8 @@ the service's JSON error shape, every answer closing the connection:
   ``MAX_HELD_REFUSALS`` connections: a client retrying at once retries once per delay, not as fast as the loop
   can refuse (which starved ``/healthz``: reliability.md).
 
-A body up to ``hold_body_bytes`` reaches the app whole, in one message and one copy, once it is all in; uvicorn
-hands a body over as it comes: a copy into its buffer and a wake-up of the app per piece, reading paused past
+A body up to ``hold_body_bytes`` reaches the app whole, in one message and one copy, once it is all in (one
+declared bigger is not held; a chunked one until it outgrows the hold); uvicorn hands a body over as it comes: a copy into its buffer and a wake-up of the app per piece, reading paused past
 64 KiB until the app takes it, and a copy out.
 """
 
@@ -37,7 +37,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service import wire
-from service.wire import Gate, HttpLimits, OneTimer, OneWrite, error_response, framing_refusal, request_id, v2_path
+from service.wire import Gate, HttpLimits, OneTimer, OneWrite, error_response, framing, request_id, v2_path
 
 log = logging.getLogger("service.guards")
 
@@ -201,8 +201,8 @@ class GuardedHttpToolsProtocol(OneTimer, HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._events += 1
         self._in_head, self._head_bytes, self._body_bytes = False, 0, 0
-        self._parts = None if self.parser.should_upgrade() else []
-        self._check_framing()
+        declared = self._check_framing()  # a body declared bigger than the hold is not held (chunked: until it is)
+        self._parts = None if self.parser.should_upgrade() or declared > self.limits.hold_body_bytes else []
         self._admit()
         self._arm(self.limits.body_timeout_s, self._body_timeout)
         before = self.cycle
@@ -231,11 +231,12 @@ class GuardedHttpToolsProtocol(OneTimer, HttpToolsProtocol):
             self._early = STATUS_LINE[503] + lines + b"\r\n" + body
             raise _Refused
 
-    def _check_framing(self) -> None:
-        """Transfer codings and the declared body size, before the request reaches the app."""
-        version, limit = self.parser.get_http_version(), self.limits.max_body_bytes
-        if (refusal := framing_refusal(self.headers, version, limit)) is not None:
+    def _check_framing(self) -> int:
+        """Transfer codings and the declared body size (returned), before the request reaches the app."""
+        refusal, declared = framing(self.headers, self.parser.get_http_version(), self.limits.max_body_bytes)
+        if refusal is not None:
             self._refuse(*refusal, request_id(self.headers), v2_path(self.url))
+        return declared
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -244,24 +245,23 @@ class GuardedHttpToolsProtocol(OneTimer, HttpToolsProtocol):
             rid = (self.cycle.scope.get("state") or {}).get("request_id")
             message, v2 = f"the body exceeds the limit of {limit} bytes", v2_path(self.url)
             self._refuse(413, "payload_too_large", message, rid, v2)
-        # Held whole up to ``hold_body_bytes``: uvicorn would copy each piece into its buffer, wake the app for
-        # it, pause reading past 64 KiB until the app takes it, and copy the buffer out again.
-        if (
-            self._parts is not None
-            and self._body_bytes <= self.limits.hold_body_bytes
-            and not self.cycle.response_complete
-        ):
-            self._parts.append(body)
+        parts = self._parts  # held whole up to ``hold_body_bytes`` (the module's docstring says why)
+        if parts is not None and self._body_bytes <= self.limits.hold_body_bytes and not self.cycle.response_complete:
+            parts.append(body)
         else:
-            self._release()
+            self._release(complete=False)
             super().on_body(body)
 
-    def _release(self) -> None:
-        """The held body to the request cycle, as one ``bytes`` (``receive`` passes it on without a copy)."""
+    def _release(self, complete: bool = True) -> None:
+        """The held body to the request cycle: a ``complete`` one as one ``bytes`` (``receive`` passes it on
+        without a copy), else appended to uvicorn's buffer, which takes the rest."""
         parts, self._parts, cycle = self._parts, None, self.cycle
         if parts and cycle is not None and not cycle.response_complete:
-            whole = parts[0] if len(parts) == 1 else b"".join(parts)
-            cycle.body = cycle.body + whole if cycle.body else whole  # type: ignore[assignment]
+            if complete and not cycle.body:
+                cycle.body = parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[assignment]
+            else:
+                for part in parts:
+                    cycle.body += part
 
     def on_message_complete(self) -> None:
         self._events += 1

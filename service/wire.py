@@ -63,10 +63,10 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> str:
     return uuid.uuid4().hex
 
 
-def framing_refusal(headers: list[tuple[bytes, bytes]], version: str, limit: int) -> tuple[int, str, str] | None:
+def framing(headers: list[tuple[bytes, bytes]], version: str, limit: int) -> tuple[tuple[int, str, str] | None, int]:
     """The refusal (status, code, message) a request's framing earns, or None: transfer codings other than
     ``chunked`` (501), ``Transfer-Encoding`` on HTTP/1.0 or with an empty coding (400), and a declared
-    ``Content-Length`` over ``limit`` (413)."""
+    ``Content-Length`` over ``limit`` (413); with the declared length (-1: none, or not a number)."""
     codings: list[bytes] = []
     length = None
     for name, value in headers:
@@ -74,16 +74,21 @@ def framing_refusal(headers: list[tuple[bytes, bytes]], version: str, limit: int
             codings += [c.strip().lower() for c in value.split(b",")]
         elif name == b"content-length":
             length = value
+    size = int(length) if length is not None and length.isdigit() else -1
     if codings and version != "1.1":
-        return 400, "invalid_transfer_encoding", "Transfer-Encoding is not allowed in HTTP/1.0"
+        return (400, "invalid_transfer_encoding", "Transfer-Encoding is not allowed in HTTP/1.0"), size
     if codings and not all(codings):
-        return 400, "invalid_transfer_encoding", "Transfer-Encoding has an empty coding"
+        return (400, "invalid_transfer_encoding", "Transfer-Encoding has an empty coding"), size
     if codings and codings != [b"chunked"]:
         shown = b", ".join(codings).decode("latin-1")[:100]
-        return 501, "unsupported_transfer_encoding", f"transfer coding {shown!r} is not supported; only chunked is"
-    if length is not None and length.isdigit() and int(length) > limit:
-        return 413, "payload_too_large", f"the body is {int(length)} bytes; the limit is {limit}"
-    return None
+        return (
+            501,
+            "unsupported_transfer_encoding",
+            f"transfer coding {shown!r} is not supported; only chunked is",
+        ), size
+    if size > limit:
+        return (413, "payload_too_large", f"the body is {size} bytes; the limit is {limit}"), size
+    return None, size
 
 
 def v2_path(url: bytes) -> bool:

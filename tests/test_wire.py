@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.wire import OneWrite, framing_refusal, unread_bytes, v2_path
+from service.wire import OneWrite, framing, unread_bytes, v2_path
 from tests.helpers import Server, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,9 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
         ),
     ],
 )
-def test_framing_refusal(headers: list[tuple[bytes, bytes]], version: str, expected: tuple[int, str] | None) -> None:
-    refusal = framing_refusal(headers, version, limit=100)
+def test_framing(headers: list[tuple[bytes, bytes]], version: str, expected: tuple[int, str] | None) -> None:
+    refusal, declared = framing(headers, version, limit=100)
     assert (refusal[:2] if refusal else None) == expected
+    length = next((int(v) for n, v in headers if n == b"content-length"), -1)
+    assert declared == length
 
 
 def test_v2_path() -> None:
