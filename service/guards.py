@@ -22,8 +22,9 @@ the service's JSON error shape, every answer closing the connection:
   can refuse (which starved ``/healthz``: reliability.md).
 
 A body up to ``hold_body_bytes`` reaches the app whole, in one message and one copy, once it is all in (one
-declared bigger is not held; a chunked one until it outgrows the hold); uvicorn hands a body over as it comes: a copy into its buffer and a wake-up of the app per piece, reading paused past
-64 KiB until the app takes it, and a copy out.
+declared bigger is not held; a chunked one until it outgrows the hold); uvicorn hands a body over as it comes:
+a copy into its buffer and a wake-up of the app per piece, reading paused past 64 KiB until the app takes it,
+and a copy out.
 """
 
 from __future__ import annotations
