@@ -202,7 +202,7 @@ class GuardedHttpToolsProtocol(OneTimer, HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._events += 1
         self._in_head, self._head_bytes, self._body_bytes = False, 0, 0
-        declared = self._check_framing()  # a body declared bigger than the hold is not held (chunked: until it is)
+        declared = self._check_framing()  # a body declared bigger than the hold is not held; a chunked one is
         self._parts = None if self.parser.should_upgrade() or declared > self.limits.hold_body_bytes else []
         self._admit()
         self._arm(self.limits.body_timeout_s, self._body_timeout)
