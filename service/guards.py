@@ -209,7 +209,8 @@ class GuardedHttpToolsProtocol(OneTimer, HttpToolsProtocol):
         before = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not None and cycle is not before:  # a request cycle was made: one send per response
+        if cycle is not None and cycle is not before:  # a request cycle was made: one write per response, and
+            cycle.__class__ = wire.ResponseCycle  # ``respond`` for whole responses (service/wire.py)
             cycle.transport = out = OneWrite(self.transport, cycle.on_response)  # type: ignore[assignment]
             cycle.on_response = out.done
 
@@ -292,9 +293,4 @@ class GuardedHttpToolsProtocol(OneTimer, HttpToolsProtocol):
 
 def guarded_protocol(limits: HttpLimits, gate: Gate | None = None) -> type[GuardedHttpToolsProtocol]:
     """The protocol class to pass as ``uvicorn.Config(http=...)``, bound to ``limits`` and ``gate``."""
-
-    class Bound(GuardedHttpToolsProtocol):
-        pass
-
-    Bound.limits, Bound.gate, Bound.held = limits, gate, 0
-    return Bound
+    return type("Bound", (GuardedHttpToolsProtocol,), {"limits": limits, "gate": gate, "held": 0})

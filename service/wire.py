@@ -4,13 +4,15 @@ sends a response's head and body in one ``send``, and the connection's one timer
 
 uvicorn's request cycle writes the status line and headers as soon as the app sends ``http.response.start``,
 and the body at ``http.response.body``: two ``send`` calls, and two wake-ups of the client, per response.
-``OneWrite`` holds the head until the body's write (every route sends both in one step).
+``OneWrite`` holds the head until the body's write (every route sends both in one step). The hot routes skip
+both messages: ``ResponseCycle.respond`` writes a whole response at once (service/asgi.py's edge calls it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import operator
 import struct
 import termios
 import uuid
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, RequestResponseCycle
 
 from service.errors import error_json, oip_error_json
 
@@ -132,6 +134,12 @@ class OneWrite:
             self.flush()
             self._transport.write(data)
 
+    def whole(self, response: bytes) -> None:
+        """A complete response, head and body: written at once."""
+        self._headless = False
+        self.flush()
+        self._transport.write(response)
+
     def flush(self) -> None:
         head, self._head = self._head, b""
         if head:
@@ -147,6 +155,42 @@ class OneWrite:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+_NAME, _VALUE, _LINE = operator.itemgetter(0), operator.itemgetter(1), b"%s: %s\r\n".__mod__
+
+
+class ResponseCycle(RequestResponseCycle):
+    """uvicorn's request cycle (the guarded protocol makes every one this class) with ``respond``: a whole
+    response without ASGI messages, for the hot routes."""
+
+    def respond(self, status: int, headers: Headers, body: bytes) -> bool:
+        """Write a complete response (``content-length`` added) as ``send`` would, checked the same way, in one
+        write; dropped if the client is gone. False, with nothing done, where ``send`` must do it: a response
+        already started, the transport's buffer full (``send`` waits for it to drain), a HEAD request."""
+        if self.response_started or self.flow.write_paused or self.scope["method"] == "HEAD":
+            return False
+        if self.disconnected:
+            return True
+        self.response_started = self.response_complete = True
+        self.waiting_for_100_continue = False
+        headers = [*self.default_headers, *headers]
+        names = b"".join(map(_NAME, headers))
+        if HEADER_RE.search(names) or HEADER_VALUE_RE.search(b"".join(map(_VALUE, headers))):
+            raise RuntimeError("Invalid HTTP header name or value.")  # the checks of ``send``, on all at once
+        close = b"connection" in names and any(n == b"connection" and b"close" in v.lower() for n, v in headers)
+        if close:
+            self.keep_alive = False
+        lines = b"".join(map(_LINE, headers))
+        end = b"" if self.keep_alive or close else b"connection: close\r\n"
+        head = b"%s%s%scontent-length: %d\r\n\r\n" % (STATUS_LINE[status], lines, end, len(body))
+        out: Any = self.transport  # a OneWrite under the guarded protocol
+        out.whole(head + body) if isinstance(out, OneWrite) else out.write(head + body)
+        self.message_event.set()
+        if not self.keep_alive:
+            self.transport.close()
+        self.on_response()
+        return True
 
 
 class OneTimer:

@@ -67,6 +67,52 @@ async def test_predict_feedback_and_headers(app: App) -> None:
     assert fb.json() == {"prediction_id": doc["prediction_id"], "correct": True}
 
 
+class _Server:
+    """A server's ``send`` whose owner also offers ``respond`` (the guarded protocol's request cycle)."""
+
+    def __init__(self, takes: bool) -> None:
+        self.takes, self.responses, self.messages = takes, [], []  # type: ignore[var-annotated]
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        self.responses.append((status, dict(headers), body))
+        return self.takes
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+
+
+@pytest.mark.parametrize("takes", [True, False])
+async def test_a_hot_route_answers_through_the_servers_respond_when_it_takes_it(tiny_repo: Path, takes: bool) -> None:
+    """One call with the whole response where the server offers ``respond``; the ASGI messages where it declines
+    (a full write buffer, say)."""
+    app = create_app(Settings(model_repository=tiny_repo, access_log=False, gc_tuning=False))
+    body = orjson.dumps({"image": image()})
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "state": {}}  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    server = _Server(takes)
+    async with app.router.lifespan_context(app):
+        for _ in range(1000):
+            if app.state.core.ready:
+                break
+            await asyncio.sleep(0.01)
+        await app(scope, receive, server.send)
+    ((status, headers, content),) = server.responses
+    assert status == 200
+    assert orjson.loads(content)["prediction_id"] == headers[b"x-prediction-id"].decode()
+    assert b"x-request-id" in headers
+    if takes:
+        assert server.messages == []
+    else:
+        assert [m["type"] for m in server.messages] == ["http.response.start", "http.response.body"]
+        assert server.messages[1]["body"] == content
+
+
 async def test_every_route_of_the_docs_is_served(app: App) -> None:
     client, _ = app
     spec = (await client.get("/openapi.json")).json()

@@ -284,21 +284,22 @@ def test_profile_groups_the_event_loop_thread_by_area(tmp_path: Path) -> None:
     assert profile.summarize(raw)["loop"] == loop
 
 
-@pytest.mark.parametrize("concurrency", [1, 16])
-def test_inprocess_measures_each_checkout_in_turn(tmp_path: Path, concurrency: int) -> None:
+@pytest.mark.parametrize(("concurrency", "http"), [(1, False), (16, False), (1, True), (16, True)])
+def test_inprocess_measures_each_checkout_in_turn(tmp_path: Path, concurrency: int, http: bool) -> None:
     """Two "checkouts" (the same tree twice) take turns; each round is a real request loop that answered 200,
-    one request at a time or several clients at once."""
+    one request at a time or several clients at once, the app alone or behind the server's HTTP layer."""
     repo = tmp_path / "repo"
     write_model(repo, "tiny", "1")
     cmd = [sys.executable, "-m", "bench.inprocess", "--model-repository", str(repo), "--out", str(tmp_path),
            "--requests", "50", "--rounds", "2", "--source", str(ROOT), "--source", str(ROOT / "."),
-           "--concurrency", str(concurrency)]  # fmt: skip
+           "--concurrency", str(concurrency), *(["--http"] if http else [])]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300).stdout
-    name = "inprocess.json" if concurrency == 1 else f"inprocess-c{concurrency}.json"
+    name = "inprocess" + ("-http" if http else "") + ("" if concurrency == 1 else f"-c{concurrency}") + ".json"
     report = json.loads((tmp_path / name).read_text())
     assert report["command"].startswith("python -m bench.inprocess")
     assert report["requests_per_round"] == 50
     assert report["concurrency"] == concurrency
+    assert report["http"] is http
     assert len(report["sources"]) == 2
     for source in report["sources"]:
         assert len(source["rounds_us_per_request"]) == 2

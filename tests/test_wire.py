@@ -1,17 +1,21 @@
-"""service/wire.py: the framing rules, and one ``send`` per response (the head held until the body) with every
-response still whole and in order over a real server: HEAD, ``Expect: 100-continue``, pipelining, big bodies."""
+"""service/wire.py: the framing rules, one ``send`` per response (the head held until the body), whole responses
+written at once (``ResponseCycle.respond``, the hot routes), with every response still whole and in order over a
+real server: HEAD, ``Expect: 100-continue``, pipelining, big bodies, keep-alive."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from uvicorn.protocols.http.flow_control import FlowControl
 
-from service.wire import OneWrite, framing, unread_bytes, v2_path
+from service.wire import OneWrite, ResponseCycle, framing, unread_bytes, v2_path
 from tests.helpers import Server, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +150,74 @@ def test_close_sends_what_is_held_first() -> None:
     assert rec.closed
 
 
+class _Reading:
+    """What FlowControl needs of a transport."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+def cycle(*, method: str = "POST", keep_alive: bool = True) -> tuple[ResponseCycle, Recorder, list[str]]:
+    """A request cycle as the guarded protocol makes it: its transport a ``OneWrite`` over ``Recorder``."""
+    rec, completed = Recorder(), []
+    c = ResponseCycle(scope={"method": method}, transport=rec, flow=FlowControl(_Reading()),  # type: ignore[arg-type,typeddict-item]
+                      logger=logging.getLogger("t"), access_logger=logging.getLogger("t"), access_log=False,
+                      default_headers=[(b"date", b"Thu, 03 Dec 2026 04:00:00 GMT")], message_event=asyncio.Event(),
+                      expect_100_continue=False, keep_alive=keep_alive,
+                      on_response=lambda: completed.append("done"))  # fmt: skip
+    out = OneWrite(rec, c.on_response)  # type: ignore[arg-type]
+    c.transport, c.on_response = out, out.done  # type: ignore[assignment]
+    return c, rec, completed
+
+
+def test_respond_writes_a_whole_response_once_with_the_server_headers_and_its_length() -> None:
+    c, rec, completed = cycle()
+    assert c.respond(200, [(b"content-type", b"application/json"), (b"x-batch-size", b"3")], b'{"a":1}')
+    assert rec.writes == [b"HTTP/1.1 200 OK\r\ndate: Thu, 03 Dec 2026 04:00:00 GMT\r\ncontent-type: application/json"
+                          b'\r\nx-batch-size: 3\r\ncontent-length: 7\r\n\r\n{"a":1}']  # fmt: skip
+    assert (c.response_started, c.response_complete, c.keep_alive, rec.closed) == (True, True, True, False)
+    assert completed == ["done"]  # the protocol moves on (keep-alive, the next pipelined request)
+
+
+@pytest.mark.parametrize(("keep_alive", "headers"), [(False, []), (True, [(b"connection", b"close")])])
+def test_respond_closes_the_connection_once_written_when_it_is_not_kept(
+    keep_alive: bool, headers: list[tuple[bytes, bytes]]
+) -> None:
+    c, rec, _ = cycle(keep_alive=keep_alive)
+    assert c.respond(503, headers, b"{}")
+    assert rec.writes[0].count(b"connection: close\r\n") == 1, rec.writes
+    assert (rec.closed, c.keep_alive) == (True, False)
+
+
+@pytest.mark.parametrize("bad", [(b"x-id", b"a\r\nset-cookie: x=1"), (b"x id", b"1"), (b"x-id", b"a\x00")])
+def test_respond_refuses_what_send_refuses(bad: tuple[bytes, bytes]) -> None:
+    """A header that would split the response (or is not a token) is an error, as in uvicorn's ``send``."""
+    c, rec, _ = cycle()
+    with pytest.raises(RuntimeError, match="Invalid HTTP header"):
+        c.respond(200, [bad], b"{}")
+    assert rec.writes == []
+
+
+def test_respond_leaves_to_send_what_it_does_not_handle() -> None:
+    """HEAD (no body goes out), a response already started, a full write buffer (``send`` waits for it)."""
+    head, _, _ = cycle(method="HEAD")
+    started, _, _ = cycle()
+    started.response_started = True
+    paused, _, _ = cycle()
+    paused.flow.write_paused = True
+    for c in (head, started, paused):
+        assert not c.respond(200, [], b"{}")
+        assert (c.transport._head, c.response_complete) == (b"", False)  # type: ignore[attr-defined]
+
+
+def test_respond_to_a_client_that_is_gone_writes_nothing() -> None:
+    c, rec, completed = cycle()
+    c.disconnected = True
+    assert c.respond(200, [], b"{}")
+    assert (rec.writes, completed) == ([], [])
+
+
 # ---------------------------------------------------------------------------------------------- real server
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
@@ -219,6 +291,25 @@ def test_pipelined_requests_are_answered_whole_and_in_order(server: Server) -> N
     order = [got.find(b'"label"'), got.find(b'"status"'), got.rfind(b'"label"')]
     assert order == sorted(order), order
     assert order[0] != order[2], order
+
+
+def test_predictions_on_one_kept_alive_connection_each_arrive_whole_with_the_server_headers(server: Server) -> None:
+    image = json.dumps({"image": [0.0] * 784}).encode()
+    post = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % len(image) + image)  # fmt: skip
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        for _ in range(3):  # one connection: each answer leaves it open for the next request
+            s.sendall(post)
+            got = b""
+            while not complete(got, 1):
+                chunk = s.recv(65536)
+                assert chunk, got
+                got += chunk
+            head = got.split(b"\r\n\r\n", 1)[0].lower()
+            assert head.startswith(b"http/1.1 200"), head
+            assert (head.count(b"\r\ndate: "), head.count(b"\r\ncontent-length: ")) == (1, 1), head
+            assert (b"connection: close" in head, b"\r\nx-request-id: " in head) == (False, True), head
+            assert b'"label"' in got
 
 
 def test_a_response_over_64_kib_arrives_whole(server: Server) -> None:
