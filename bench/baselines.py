@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
+from bench.models import serving_file
 from service import decode
 from service.errors import ServiceError, error_json
 from service.model import _session_options
@@ -245,7 +246,7 @@ def serve(app: Any, host: str, port: int, loop: str = "asyncio") -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.baselines", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", choices=KINDS, required=True, help="Which design to serve.")
-    parser.add_argument("--model", type=Path, help="The model version folder (holding model.onnx).")
+    parser.add_argument("--model", type=Path, help="The model version folder (its file for MNIST_MODEL_PRECISION).")
     parser.add_argument("--host", default="127.0.0.1", help="Interface (default 127.0.0.1).")
     parser.add_argument("--port", type=int, required=True, help="TCP port.")
     parser.add_argument("--loop", choices=LOOPS, default=None,
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     model_file = None
     if args.model is not None:
-        model_file = args.model / "model.onnx" if args.model.is_dir() else args.model
+        model_file = serving_file(args.model, settings.model_precision) if args.model.is_dir() else args.model
     serve(create_app(args.kind, model_file, settings), args.host, args.port, loop)
     return 0
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,10 @@ class ModelUnderTest:
     metadata: dict[str, object]
     standin: bool
 
+    def serving(self, precision: str) -> ModelUnderTest:
+        """This model with ``onnx_path`` the file the service serves at ``precision`` (its int8 variant or not)."""
+        return replace(self, onnx_path=serving_file(self.folder, precision))
+
     @property
     def scale(self) -> float:
         pre = self.metadata.get("preprocessing", {})
@@ -47,6 +51,13 @@ def find_model(repository: Path) -> ModelUnderTest:
     metadata = json.loads((folder / "metadata.json").read_text())
     onnx_path = folder / str(metadata.get("file", "model.onnx"))
     return ModelUnderTest(repository, folder, name, version, onnx_path, metadata, bool(metadata.get("standin")))
+
+
+def serving_file(folder: Path, precision: str) -> Path:
+    """The model file of a version folder the service serves at ``precision`` (``MNIST_MODEL_PRECISION``)."""
+    metadata = json.loads((folder / "metadata.json").read_text())
+    block = metadata.get("quantized", {}) if precision == "int8" else metadata
+    return folder / str(block.get("file", "model.onnx"))
 
 
 def _versions(folder: Path) -> list[str]:

@@ -425,6 +425,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.time()
     argv = getattr(args, "argv", None)
     settings = service_settings(_env_pairs(args.service_env))
+    model = model.serving(settings.model_precision)  # every design and the engine sweep run the served file
     loop = args.loop or settings.event_loop
     result: dict[str, Any] = {
         "command": "mnist-bench" + ("" if argv is None else "".join(f" {a}" for a in argv)),
@@ -436,6 +437,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "version": model.version,
             "standin": model.standin,
             "path": str(model.onnx_path),
+            "precision": settings.model_precision,
         },
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "access_log_in_comparison": bool(args.access_log),

@@ -54,6 +54,7 @@ class Model:
     # uint8 pixel * scale = model input; from metadata "preprocessing", a finite positive number.
     scale: float
     golden: repo.Golden
+    precision: str = "float32"  # or "int8": the version's quantized variant (settings.model_precision)
     warmed_up: bool = field(default=False)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -67,6 +68,8 @@ class Model:
             "name": self.name,
             "version": self.version,
             "sha256": self.sha256,
+            "precision": self.precision,
+            "file": self.path.name,
             "provider": self.provider,
             "input": {**meta["input"], "name": self.input_name},
             "output": {**meta["output"], "name": self.output_name},
@@ -167,12 +170,13 @@ def _load(folder: Path, settings: Settings, repository: Path, expected: tuple[st
     image_shape = repo.image_shape(metadata, where)
     scale = repo.scale(metadata, where)
     out_block = repo.block(metadata, "output", where)
-    model_path = repo.model_path(folder, metadata["file"], where)
+    file, recorded = repo.model_file(metadata, where, settings.model_precision)
+    model_path = repo.model_path(folder, file, where)
     blob = repo.read_bounded(model_path, MAX_MODEL_BYTES, "model file")
     if not blob:
         raise ModelLoadError(f"{model_path} is not a loadable ONNX model: the file is empty")
     sha256 = hashlib.sha256(blob).hexdigest()
-    if repo.sha256(metadata, where) != sha256:
+    if recorded != sha256:
         raise ModelLoadError(f"{model_path}: sha256 {sha256[:12]}... does not match metadata")
 
     providers = _providers(settings)
@@ -220,6 +224,7 @@ def _load(folder: Path, settings: Settings, repository: Path, expected: tuple[st
         reference=repo.reference(metadata, where, n_classes),
         scale=scale,
         golden=repo.golden(metadata, where, n_features, n_classes),
+        precision=settings.model_precision,
     )
     try:
         model.check_golden()

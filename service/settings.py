@@ -28,9 +28,7 @@ class Settings(BaseSettings):
     # Network
     host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 in containers).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
-    grpc_port: int = Field(
-        0, ge=0, le=65535, description="TCP port of the gRPC front-end (Open Inference Protocol); 0 = off."
-    )
+    grpc_port: int = Field(0, ge=0, le=65535, description="gRPC front-end port (Open Inference Protocol); 0 = off.")
 
     # Model
     model_repository: Path = Field(Path("models"), description="Folder holding <name>/<version>/model.onnx.")
@@ -43,6 +41,9 @@ class Settings(BaseSettings):
         "mnist-promote), 'latest' (the highest) or a number.",
     )
     load_all_versions: bool = Field(False, description="Also load every other version for versioned calls.")
+    model_precision: Literal["float32", "int8"] = Field(
+        "float32", description="int8: serve each version's quantized variant (mnist-export --quantize)."
+    )
 
     # ONNX Runtime
     provider: Literal["auto", "cpu", "cuda"] = Field(
@@ -124,9 +125,7 @@ class Settings(BaseSettings):
 
     # Connection-level limits (service/guards.py, service/server.py; docs/security.md)
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="Largest request line + headers (431 above).")
-    header_timeout_s: float = Field(
-        10.0, gt=0, description="A connection must send complete request headers within this (408 after)."
-    )
+    header_timeout_s: float = Field(10.0, gt=0, description="Request headers must arrive within this (408 after).")
     body_timeout_s: float = Field(
         10.0, gt=0, description="A request body must fully arrive within this (400 body_timeout / closed)."
     )

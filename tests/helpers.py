@@ -172,12 +172,13 @@ def mnist_test_digits() -> tuple[np.ndarray, np.ndarray]:
     return data
 
 
-def offline_probabilities(images: np.ndarray) -> np.ndarray:
-    """The default model's probabilities for uint8 images, from ONNX Runtime in this process."""
+def offline_probabilities(images: np.ndarray, file: str = "model.onnx") -> np.ndarray:
+    """The default model's probabilities for uint8 images, from ONNX Runtime in this process (``file``: the
+    float model, or its int8 variant ``model.int8.onnx``)."""
     import onnxruntime as ort
 
     meta = json.loads((DEFAULT_MODEL / "metadata.json").read_text())
-    sess = ort.InferenceSession(str(DEFAULT_MODEL / "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(DEFAULT_MODEL / file), providers=["CPUExecutionProvider"])
     x = images.reshape(-1, 784).astype(np.float32) * np.float32(meta["preprocessing"]["scale"])
     return np.asarray(sess.run(None, {meta["input"]["name"]: x})[0])
 

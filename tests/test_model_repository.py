@@ -53,6 +53,49 @@ def test_the_shipped_model_loads_with_its_checks() -> None:
     assert len(model.reference.class_fractions) == model.n_classes == 10
 
 
+def test_the_shipped_int8_variant_serves_when_asked_and_agrees_with_the_float_model() -> None:
+    model = load_model(DEFAULT_MODEL, Settings(provider="cpu", model_precision="int8"))
+    meta = json.loads((DEFAULT_MODEL / "metadata.json").read_text())
+    assert model.path.name == meta["quantized"]["file"] == "model.int8.onnx"
+    assert model.sha256 == meta["quantized"]["sha256"] != meta["sha256"]
+    assert model.check_golden() == 32  # the golden labels are the float model's
+    assert (model.describe()["precision"], model.describe()["file"]) == ("int8", "model.int8.onnx")
+    float_model = load_model(DEFAULT_MODEL, CPU)
+    assert (float_model.precision, float_model.path.name) == ("float32", "model.onnx")
+    x = model.golden.images.astype("float32") * model.scale
+    assert (model.run(x).argmax(axis=1) == float_model.run(x).argmax(axis=1)).all()
+
+
+def _int8_copy(tmp_path: Path) -> Path:
+    folder = tmp_path / "mnist-mlp" / "1"
+    shutil.copytree(DEFAULT_MODEL, folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda m: m.pop("quantized"),
+            "no int8 variant (metadata 'quantized'); export one with mnist-export --quantize",
+        ),
+        (lambda m: m["quantized"].update(sha256="0" * 64), "does not match metadata"),
+        (lambda m: m["quantized"].update(sha256="x"), "(quantized): metadata sha256 must be the 64 hex digits"),
+        (lambda m: m["quantized"].update(file="../../x.onnx"), "must be a file name inside the version folder"),
+        (lambda m: m["quantized"].pop("file"), "must be a file name inside the version folder"),
+    ],
+)
+def test_int8_is_refused_without_a_sound_quantized_variant(
+    tmp_path: Path, change: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    folder = _int8_copy(tmp_path)
+    edit(folder, change)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(folder, Settings(provider="cpu", model_precision="int8"))
+    assert message in str(info.value)
+    assert load_model(folder, CPU).precision == "float32"  # the float model is untouched by the int8 block
+
+
 def test_the_shipped_repository_promotes_version_1() -> None:
     assert promoted_version(DEFAULT_MODEL.parent.parent, "mnist-mlp") == "1"
 
