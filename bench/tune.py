@@ -32,6 +32,7 @@ VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "inline-0": ([], {"MNIST_INLINE_BUDGET_US": "0"}),
     "inline-100": ([], {"MNIST_INLINE_BUDGET_US": "100"}),
     "inline-1000": ([], {"MNIST_INLINE_BUDGET_US": "1000"}),
+    "int8": ([], {"MNIST_MODEL_PRECISION": "int8"}),
 }
 
 
