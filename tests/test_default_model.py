@@ -157,6 +157,20 @@ def test_classifies_real_test_digits_int8(meta: dict[str, Any]) -> None:
         assert abs(int8_acc - q["test_accuracy"]) <= INT8_ACCURACY_TOLERANCE[full]
 
 
+def test_float_labels_do_not_depend_on_the_batch_and_int8_ones_barely(meta: dict[str, Any]) -> None:
+    """``python -m export.accuracy``'s batch check: the float model gives every digit the same label at 1, 32 and
+    512 images a call as at 2,048; the int8 one (activations scaled per call) changes a few (2 of 10,000 at most
+    on this project's machine), bounded like the int8 figures above."""
+    from export.accuracy import BATCHES, accuracy, batch_dependence
+
+    images, labels, full = _test_digits()
+    for file, bound in ((meta["file"], 0), (meta["quantized"]["file"], INT8_ACCURACY_TOLERANCE[full] * len(labels))):
+        reference = accuracy(FOLDER / file, images, labels)[1]
+        by_batch = batch_dependence(FOLDER / file, images, labels, reference)
+        assert sorted(by_batch) == sorted(str(b) for b in BATCHES)
+        assert max(b["labels_differing"] for b in by_batch.values()) <= bound, (file, by_batch)
+
+
 def test_the_int8_figures_say_where_they_were_measured(meta: dict[str, Any]) -> None:
     q = meta["quantized"]
     measured = q["measured_on"]
