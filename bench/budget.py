@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     def one_decode() -> object:
         return decode.decode(decode.SINGLE, "application/json", bodies[next(k) % len(bodies)], shape)
 
-    session = _session(model.onnx_path, options("service", settings)[0])
+    session = _session(model.serving(settings.model_precision).onnx_path, options("service", settings)[0])
     name = session.get_inputs()[0].name
     pool = digits.astype(np.float32) * np.float32(1 / 255)
     probs = session.run(None, {name: pool[:1]})[0][0]
@@ -72,11 +72,19 @@ def main(argv: list[str] | None = None) -> int:
         "encode_answer_json_us": cpu_us(answer, 5000, args.repeat),
         "body_bytes_mean": float(np.mean([len(b) for b in bodies])),
     }
-    engine: dict[str, float] = {}
-    for b in (1, 8, 32, 128):
-        x = np.ascontiguousarray(pool[:b])
-        engine[str(b)] = cpu_us(lambda x=x: session.run(None, {name: x}), max(50, 2000 // b), args.repeat) / b  # type: ignore[misc]
-    result["engine_us_per_image_by_batch"] = engine
+    # The engine: the served file (MNIST_MODEL_PRECISION), and, when the version has one, its int8 variant.
+    files = {"engine_us_per_image_by_batch": model.serving(settings.model_precision).onnx_path}
+    if settings.model_precision != "int8" and "quantized" in model.metadata:
+        files["engine_int8_us_per_image_by_batch"] = model.serving("int8").onnx_path
+    result["precision"] = settings.model_precision
+    for key, file in files.items():
+        session = _session(file, options("service", settings)[0])
+        engine: dict[str, float] = {}
+        for b in (1, 8, 32, 128, 512):
+            x = np.ascontiguousarray(pool[:b])
+            calls = max(20, 2000 // b)
+            engine[str(b)] = cpu_us(lambda s=session, x=x: s.run(None, {name: x}), calls, args.repeat) / b  # type: ignore[misc]
+        result[key] = engine
     memory: dict[str, dict[str, float]] = {}
     for n in (256, 1024):
         body = bulk_json(digits, n).bodies[0]

@@ -241,9 +241,12 @@ def test_guards_check_probes_both_servers(tmp_path: Path) -> None:
     assert all(p["held"] for p in probes if p["server"] == "uvicorn"), probes
 
 
-def test_budget_writes_the_unavoidable_costs(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    write_model(repo, "tiny", "1")
+@pytest.mark.parametrize("shipped", [False, True])
+def test_budget_writes_the_unavoidable_costs(tmp_path: Path, shipped: bool) -> None:
+    """A version with an int8 variant (the shipped one) gets the engine figures of both files."""
+    repo = ROOT / "models" if shipped else tmp_path / "repo"
+    if not shipped:
+        write_model(repo, "tiny", "1")
     cmd = [
         sys.executable,
         "-m",
@@ -260,8 +263,12 @@ def test_budget_writes_the_unavoidable_costs(tmp_path: Path) -> None:
     assert budget["command"].startswith("python -m bench.budget")
     assert budget["decode_validate_json_us"] > 0
     assert budget["encode_answer_json_us"] > 0
-    assert set(budget["engine_us_per_image_by_batch"]) == {"1", "8", "32", "128"}
-    assert all(v > 0 for v in budget["engine_us_per_image_by_batch"].values())
+    assert budget["precision"] == "float32"
+    engines = ["engine_us_per_image_by_batch", *(["engine_int8_us_per_image_by_batch"] if shipped else [])]
+    assert [k for k in budget if k.startswith("engine_")] == engines
+    for key in engines:
+        assert set(budget[key]) == {"1", "8", "32", "128", "512"}
+        assert all(v > 0 for v in budget[key].values())
     big = budget["json_bulk_decode"]["1024"]
     assert big["decode_peak_mb"] > big["pixels_mb"] > 0  # Python floats cost more than the float32 pixels
 
