@@ -1,8 +1,9 @@
 """``python -m bench.budget``: what the unavoidable parts of one single-image request cost, in process, in CPU
 microseconds (``time.thread_time``, best of ``--repeat`` rounds): the service's JSON decoding and validation of
 a real body (``service.decode``), the JSON answer (orjson, as service/rest.py writes it), and the engine per
-image at batch 1 and at the batch sizes the service forms under load; and the memory a bulk JSON body takes
-to decode (tracemalloc peak: the Python floats msgspec builds before NumPy gets them). Beside ``mnist-bench``'s CPU per request
+image at batch 1 and at the batch sizes the service forms under load; writing the answer through the server's
+request cycle (``ResponseCycle.respond``, as the hot routes do, against uvicorn's ``send`` with two ASGI
+messages); and the memory a bulk JSON body takes to decode (tracemalloc peak: the Python floats msgspec builds before NumPy gets them). Beside ``mnist-bench``'s CPU per request
 of each design, these say how much of the service's per-request CPU is its own plumbing.
 
 Writes ``budget.json`` to ``--out``.
@@ -11,6 +12,7 @@ Writes ``budget.json`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -37,6 +39,65 @@ def cpu_us(fn: Callable[[], object], n: int, repeat: int) -> float:
             fn()
         best = min(best, (time.thread_time() - t0) / n)
     return best * 1e6
+
+
+class _Transport:
+    def write(self, data: bytes) -> None: ...
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+def reply_us(repeat: int) -> dict[str, float]:
+    """CPU microseconds to write one single-image answer (its seven headers) through a request cycle as the
+    guarded protocol makes it: ``respond`` and uvicorn's ``send`` (start and body messages), each less the
+    cycle's own making."""
+    import asyncio
+    import logging
+
+    from uvicorn.protocols.http.flow_control import FlowControl
+
+    from service.asgi import send_reply
+    from service.wire import OneWrite, ResponseCycle
+
+    body = orjson.dumps({"label": 7, "probabilities": [0.1] * 10, "model": "mnist-mlp", "version": "1",
+                         "request_id": "0" * 32, "prediction_id": "FnpDmx2wMFxafIYJuXCAgQ"})  # fmt: skip
+    logger = logging.getLogger("bench.budget")
+
+    def cycle() -> tuple[ResponseCycle, list[tuple[bytes, bytes]]]:
+        t = _Transport()
+        c = ResponseCycle(scope={"method": "POST"}, transport=t, flow=FlowControl(t), logger=logger,  # type: ignore[arg-type,typeddict-item]
+                          access_logger=logger, access_log=False, default_headers=[(b"date", b"Thu, 03 Dec 2026")],
+                          message_event=asyncio.Event(), expect_100_continue=False, keep_alive=True,
+                          on_response=lambda: None)  # fmt: skip
+        out = OneWrite(t, c.on_response)  # type: ignore[arg-type]
+        c.transport, c.on_response = out, out.done  # type: ignore[assignment]
+        headers = [(b"content-type", b"application/json"), (b"server-timing", b"queue;dur=0.050, inference;dur=0.210"),
+                   (b"x-model-version", b"1"), (b"x-batch-size", b"24"), (b"x-prediction-id", b"FnpDmx2wMFxafIYJuXCAgQ"),
+                   (b"x-request-id", b"0" * 32)]  # fmt: skip
+        return c, headers
+
+    def through_send() -> None:
+        c, headers = cycle()
+        coroutine = send_reply(c.send, (200, body, headers))  # type: ignore[arg-type]
+        with contextlib.suppress(StopIteration):  # it never waits: one step runs it to the end
+            coroutine.send(None)
+
+    def through_respond() -> None:
+        c, headers = cycle()
+        c.respond(200, headers, body)
+
+    base = cpu_us(cycle, 5000, repeat)
+    return {
+        "respond": cpu_us(through_respond, 5000, repeat) - base,
+        "asgi_send": cpu_us(through_send, 5000, repeat) - base,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "decode_validate_json_us": cpu_us(one_decode, 2000, args.repeat),
         "encode_answer_json_us": cpu_us(answer, 5000, args.repeat),
+        "write_answer_us": reply_us(args.repeat),
         "body_bytes_mean": float(np.mean([len(b) for b in bodies])),
     }
     # The engine: the served file (MNIST_MODEL_PRECISION), and, when the version has one, its int8 variant.

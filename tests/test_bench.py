@@ -263,6 +263,7 @@ def test_budget_writes_the_unavoidable_costs(tmp_path: Path, shipped: bool) -> N
     assert budget["command"].startswith("python -m bench.budget")
     assert budget["decode_validate_json_us"] > 0
     assert budget["encode_answer_json_us"] > 0
+    assert set(budget["write_answer_us"]) == {"respond", "asgi_send"}
     assert budget["precision"] == "float32"
     engines = ["engine_us_per_image_by_batch", *(["engine_int8_us_per_image_by_batch"] if shipped else [])]
     assert [k for k in budget if k.startswith("engine_")] == engines
