@@ -172,12 +172,12 @@ class ResponseCycle(RequestResponseCycle):
             return False
         if self.disconnected:
             return True
-        self.response_started = self.response_complete = True
-        self.waiting_for_100_continue = False
         headers = [*self.default_headers, *headers]
         names = b"".join(map(_NAME, headers))
         if HEADER_RE.search(names) or HEADER_VALUE_RE.search(b"".join(map(_VALUE, headers))):
             raise RuntimeError("Invalid HTTP header name or value.")  # the checks of ``send``, on all at once
+        self.response_started = self.response_complete = True  # not before: uvicorn answers 500 after a raise
+        self.waiting_for_100_continue = False
         close = b"connection" in names and any(n == b"connection" and b"close" in v.lower() for n, v in headers)
         if close:
             self.keep_alive = False

@@ -197,6 +197,7 @@ def test_respond_refuses_what_send_refuses(bad: tuple[bytes, bytes]) -> None:
     with pytest.raises(RuntimeError, match="Invalid HTTP header"):
         c.respond(200, [bad], b"{}")
     assert rec.writes == []
+    assert not c.response_started  # so uvicorn still answers (500) when the app returns
 
 
 def test_respond_leaves_to_send_what_it_does_not_handle() -> None:
