@@ -11,9 +11,9 @@ transport recording what is written (still no socket, no kernel).
 
 ``--source`` may name other checkouts (e.g. a ``git worktree`` of an older commit): each is measured in its
 own process running this file against that checkout's ``service`` package, the checkouts taking turns round
-by round, so a comparison sees the same machine. Writes
-``inprocess.json`` (``inprocess-c64.json`` with ``--concurrency 64``: every round, and the best per checkout) to
-``--out``.
+by round, so a comparison sees the same machine. Writes ``inprocess.json`` (``inprocess-c64.json`` with
+``--concurrency 64``, ``inprocess-http-c64.json`` with ``--http`` too: every round, and the best per checkout)
+to ``--out``.
 """
 
 from __future__ import annotations
