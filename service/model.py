@@ -170,13 +170,13 @@ def _load(folder: Path, settings: Settings, repository: Path, expected: tuple[st
     image_shape = repo.image_shape(metadata, where)
     scale = repo.scale(metadata, where)
     out_block = repo.block(metadata, "output", where)
-    file, recorded = repo.model_file(metadata, where, settings.model_precision)
+    file, block, named = repo.model_file(metadata, where, settings.model_precision)
     model_path = repo.model_path(folder, file, where)
     blob = repo.read_bounded(model_path, MAX_MODEL_BYTES, "model file")
     if not blob:
         raise ModelLoadError(f"{model_path} is not a loadable ONNX model: the file is empty")
     sha256 = hashlib.sha256(blob).hexdigest()
-    if recorded != sha256:
+    if repo.sha256(block, named) != sha256:
         raise ModelLoadError(f"{model_path}: sha256 {sha256[:12]}... does not match metadata")
 
     providers = _providers(settings)

@@ -183,15 +183,16 @@ def sha256(meta: dict[str, Any], where: str) -> str:
     return value.lower()
 
 
-def model_file(meta: dict[str, Any], where: str, precision: str) -> tuple[Any, str]:
-    """The model file to serve and its sha256: ``file``, or for int8 the ``quantized`` block's."""
+def model_file(meta: dict[str, Any], where: str, precision: str) -> tuple[Any, dict[str, Any], str]:
+    """The model file to serve (``file``, or for int8 the ``quantized`` block's), the block whose ``sha256`` it
+    must have and the name of that block in messages."""
     if precision == "float32":
-        return meta["file"], sha256(meta, where)
+        return meta["file"], meta, where
     quantized = meta.get("quantized")
     if not isinstance(quantized, dict):
         raise ModelLoadError(f"{where}: no int8 variant (metadata 'quantized'); export one with mnist-export "
                              "--quantize, or serve float32 (MNIST_MODEL_PRECISION)")  # fmt: skip
-    return quantized.get("file"), sha256(quantized, f"{where} (quantized)")
+    return quantized.get("file"), quantized, f"{where} (quantized)"
 
 
 def golden(meta: dict[str, Any], where: str, n_features: int, n_classes: int) -> Golden:
