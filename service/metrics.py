@@ -233,7 +233,7 @@ class Metrics:
         # ---------------------------------------------------------------- model and lifecycle
         self.model_info = Gauge(
             "mnist_model_info", "Loaded model versions (1 = serving by default, 0 = loaded).",
-            ["name", "version", "sha256", "provider"], registry=r,
+            ["name", "version", "sha256", "provider", "precision"], registry=r,
         )  # fmt: skip
         self.ready = Gauge(
             "mnist_ready", "1 when the model is loaded and warm and the service is not draining.", registry=r
@@ -258,5 +258,5 @@ class Metrics:
         self._per_model.clear()  # ids of unloaded models may be reused
         self.model_info.clear()
         for m in models:
-            self.model_info.labels(m.name, m.version, m.sha256, m.provider).set(1 if m is default else 0)
+            self.model_info.labels(m.name, m.version, m.sha256, m.provider, m.precision).set(1 if m is default else 0)
             self.stats.version(m.name, m.version)

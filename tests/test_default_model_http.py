@@ -154,6 +154,7 @@ def test_the_int8_variant_serves_when_asked_and_answers_as_offline(
     with running_server(DEFAULT_MODEL.parent.parent, tmp_path, "--no-access-log", env=env) as srv, srv.client() as c:
         d = c.get("/v1/models").json()["default"]
         assert (d["precision"], d["file"]) == ("int8", "model.int8.onnx")
+        assert 'precision="int8"' in c.get("/metrics").text  # mnist_model_info
         labels: list[int] = []
         for i in range(0, len(x), 2500):
             r = c.post("/v1/predict/batch", content=x[i : i + 2500].tobytes(),

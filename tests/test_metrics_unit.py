@@ -180,7 +180,13 @@ def test_observe_batch_and_model_info(tiny_model: Model) -> None:
     assert s["mnist_queue_wait_seconds_sum"][0][1] == pytest.approx(0.0041)
     assert s["mnist_inference_seconds_count"][0][1] == 2
     ((labels, value),) = s["mnist_model_info"]
-    assert labels == {"name": "tiny", "version": "3", "sha256": tiny_model.sha256, "provider": "CPUExecutionProvider"}
+    assert labels == {
+        "name": "tiny",
+        "version": "3",
+        "sha256": tiny_model.sha256,
+        "provider": "CPUExecutionProvider",
+        "precision": "float32",
+    }
     assert value == 1
 
 

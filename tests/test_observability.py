@@ -660,6 +660,7 @@ def test_metrics_agree_with_what_the_client_saw(stack: Stack) -> None:
     labels, value = info
     assert value == 1
     assert labels["provider"] == "CPUExecutionProvider"
+    assert labels["precision"] == "float32"
     assert len(labels["sha256"]) == 64
     assert m["mnist_ready"][0][1] == 1
     for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",

@@ -177,10 +177,10 @@ def panels(g: Layout) -> None:
     g.add(st("Targets up", "Scrape targets answering /metrics (Prometheus's up).",
              [q(f"sum(up{{{SEL}}})", "up", instant=True)],
              thresholds=steps(("red", None), ("green", 1)), color_mode=cm.BigValueColorMode.BACKGROUND), 4, 4)  # fmt: skip
-    g.add(st("Serving model and provider", "mnist_model_info == 1: the model version answering by default and the "
-             "active ONNX Runtime execution provider.",
-             [q(f"max by (name, version, provider) (mnist_model_info{{{SEL}}} == 1)",
-                "{{name}} v{{version}} on {{provider}}", instant=True)],
+    g.add(st("Serving model and provider", "mnist_model_info == 1: the model version answering by default, its "
+             "precision (float32, or the int8 variant) and the active ONNX Runtime execution provider.",
+             [q(f"max by (name, version, precision, provider) (mnist_model_info{{{SEL}}} == 1)",
+                "{{name}} v{{version}} {{precision}} on {{provider}}", instant=True)],
              text_mode=cm.BigValueTextMode.NAME, color_mode=cm.BigValueColorMode.NONE), 8, 4)  # fmt: skip
     g.add(st("Uptime", "Seconds since the youngest selected process started.",
              [q(f"min(mnist_uptime_seconds{{{SEL}}})", "uptime", instant=True)], unit="s"), 4, 4)  # fmt: skip
