@@ -116,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     def one_decode() -> object:
         return decode.decode(decode.SINGLE, "application/json", bodies[next(k) % len(bodies)], shape)
 
-    session = _session(model.serving(settings.model_precision).onnx_path, options("service", settings)[0])
-    name = session.get_inputs()[0].name
+    served = _session(model.serving(settings.model_precision).onnx_path, options("service", settings)[0])
+    name = served.get_inputs()[0].name
     pool = digits.astype(np.float32) * np.float32(1 / 255)
-    probs = session.run(None, {name: pool[:1]})[0][0]
+    probs = served.run(None, {name: pool[:1]})[0][0]
 
     def answer() -> object:
         return orjson.dumps({"label": int(probs.argmax()), "probabilities": probs, "model": model.name,
@@ -135,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         "body_bytes_mean": float(np.mean([len(b) for b in bodies])),
     }
     # The engine: the served file (MNIST_MODEL_PRECISION), and, when the version has one, its int8 variant.
-    files = {"engine_us_per_image_by_batch": model.serving(settings.model_precision).onnx_path}
+    sessions = {"engine_us_per_image_by_batch": served}
     if settings.model_precision != "int8" and "quantized" in model.metadata:
-        files["engine_int8_us_per_image_by_batch"] = model.serving("int8").onnx_path
+        int8 = _session(model.serving("int8").onnx_path, options("service", settings)[0])
+        sessions["engine_int8_us_per_image_by_batch"] = int8
     result["precision"] = settings.model_precision
-    for key, file in files.items():
-        session = _session(file, options("service", settings)[0])
+    for key, session in sessions.items():
         engine: dict[str, float] = {}
         for b in (1, 8, 32, 128, 512):
             x = np.ascontiguousarray(pool[:b])

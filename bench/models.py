@@ -54,10 +54,12 @@ def find_model(repository: Path) -> ModelUnderTest:
 
 
 def serving_file(folder: Path, precision: str) -> Path:
-    """The model file of a version folder the service serves at ``precision`` (``MNIST_MODEL_PRECISION``)."""
-    metadata = json.loads((folder / "metadata.json").read_text())
-    block = metadata.get("quantized", {}) if precision == "int8" else metadata
-    return folder / str(block.get("file", "model.onnx"))
+    """The model file of a version folder the service serves at ``precision`` (``MNIST_MODEL_PRECISION``), by
+    the service's own rule (a version without an int8 variant raises ``ModelLoadError``, as the service does)."""
+    from service.repository import model_file
+
+    file, _, _ = model_file(json.loads((folder / "metadata.json").read_text()), str(folder), precision)
+    return folder / str(file)
 
 
 def _versions(folder: Path) -> list[str]:
