@@ -14,7 +14,10 @@ same run (``--loop``), the same model and the same ONNX Runtime session options 
 - ``lean``: the least a batching server of this model can be: a bare ASGI callable, the service's own decoder
   (the same 4xx answers), and every request whose body is read in one event-loop iteration answered by one
   ``session.run`` on the loop; nothing else (no guards, limits, deadlines, ids, metrics or feedback): what the
-  work itself costs on this machine, against which the service's features are measured.
+  work itself costs on this machine, against which the service's features are measured;
+- ``proto``: the same canned answer from a plain asyncio protocol that parses with httptools and writes the
+  answer from its parser callback: no ASGI server, no task per request. What the kernel, the event loop and
+  the HTTP parser alone cost: the floor under ``asgi``, and what uvicorn's ASGI cycle adds above it.
 
 ``--server granian`` serves ``asgi`` under granian instead of uvicorn (bench/granian_serve.py serves the
 service itself under granian).
@@ -31,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+import httptools
 import numpy as np
 import onnxruntime as ort
 import orjson
@@ -46,8 +50,8 @@ from service.errors import ServiceError, error_json
 from service.model import _session_options
 from service.settings import Settings, settings_from_args
 
-Kind = Literal["classic", "careful", "ceiling", "asgi", "lean"]
-KINDS: tuple[Kind, ...] = ("classic", "careful", "ceiling", "asgi", "lean")
+Kind = Literal["classic", "careful", "ceiling", "asgi", "lean", "proto"]
+KINDS: tuple[Kind, ...] = ("classic", "careful", "ceiling", "asgi", "lean", "proto")
 LOOPS = ("asyncio", "uvloop")
 _JSON = "application/json"
 
@@ -218,11 +222,55 @@ def create_app(kind: Kind, model_file: Path | None, settings: Settings | None = 
         return ceiling_app()
     if kind == "asgi":
         return asgi_app
+    if kind == "proto":
+        raise ValueError("proto is no ASGI app: serve_proto serves it")
     if model_file is None:
         raise ValueError(f"--model is required for {kind}")
     if kind == "lean":
         return lean_app(model_file, settings)
     return classic_app(model_file, settings) if kind == "classic" else careful_app(model_file, settings)
+
+
+class CannedProtocol(asyncio.Protocol):
+    """``proto``: HTTP/1.1 with keep-alive, parsed by httptools; every complete request gets the canned answer
+    (``/readyz`` its readiness JSON) written from the parser's callback. Nothing else: no limits, no timeouts."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport, self.path = transport, b""
+        self.parser = httptools.HttpRequestParser(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            self.transport.close()
+
+    def on_url(self, url: bytes) -> None:
+        self.path = url
+
+    def on_message_complete(self) -> None:
+        body = b'{"status":"ready"}' if self.path == b"/readyz" else CANNED
+        keep = self.parser.should_keep_alive()
+        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
+                             % (len(body), b"" if keep else b"connection: close\r\n", body))  # fmt: skip
+        if not keep:
+            self.transport.close()
+
+
+def serve_proto(host: str, port: int, loop: str = "asyncio") -> None:
+    """Serve ``proto`` on the given event loop until stopped (SIGTERM ends the process)."""
+
+    async def run() -> None:
+        server = await asyncio.get_running_loop().create_server(CannedProtocol, host, port, reuse_address=True)
+        await server.serve_forever()
+
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(run())
+    else:
+        asyncio.run(run())
 
 
 def serve(app: Any, host: str, port: int, loop: str = "asyncio") -> None:
@@ -264,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench.granian_serve import serve_granian
 
         serve_granian("bench.baselines:asgi_app", args.host, args.port, loop, factory=False)
+        return 0
+    if args.kind == "proto":
+        serve_proto(args.host, args.port, loop)
         return 0
     model_file = None
     if args.model is not None:

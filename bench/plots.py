@@ -13,10 +13,10 @@ import matplotlib.pyplot as plt
 from bench.report import Point
 
 _DESIGNS = ("service", "lean", "careful", "classic", "ceiling", "asgi")
-_EXTRA = ("service-uvloop", "service-granian", "asgi-granian")
+_EXTRA = ("service-uvloop", "service-granian", "asgi-granian", "proto")
 _COLORS = {"service": "tab:blue", "lean": "tab:green", "careful": "tab:orange", "classic": "tab:red", "ceiling": "tab:gray", "asgi": "k",
-           "service-uvloop": "tab:cyan", "service-granian": "tab:purple", "asgi-granian": "tab:brown"}  # fmt: skip
-_CANNED = ("ceiling", "asgi", "asgi-granian")
+           "service-uvloop": "tab:cyan", "service-granian": "tab:purple", "asgi-granian": "tab:brown", "proto": "tab:olive"}  # fmt: skip
+_CANNED = ("ceiling", "asgi", "asgi-granian", "proto")
 
 
 def title_of(result: dict[str, Any]) -> str:

@@ -7,7 +7,8 @@ Runtime session options, in the same run. Designs: ``service`` (mnist-serve: uvi
 ``classic``, ``careful``, ``ceiling`` (FastAPI canned answer), ``asgi`` (bare ASGI canned answer), ``lean``
 (the least a batching server of this model can be: the work without the service's features) (see
 bench/baselines.py); ``service-uvloop`` (the service on the other loop); ``service-granian`` and
-``asgi-granian`` (the same apps under granian, bench/granian_serve.py).
+``asgi-granian`` (the same apps under granian, bench/granian_serve.py); ``proto`` (the canned answer from a plain
+asyncio protocol with httptools: the floor under every ASGI server).
 
 Order of a run: the engine ceiling (in-process ONNX Runtime, nothing else running); then every server is
 started at once (idle ones cost nothing) and the single-image JSON points are interleaved design by
@@ -44,7 +45,7 @@ from service.settings import Settings, settings_from_args
 
 #: The designs of the single-image sweep: the first six at every concurrency, the others at ``--extra-concurrency``.
 MAIN_DESIGNS = ("service", "classic", "careful", "ceiling", "asgi", "lean")
-EXTRA_DESIGNS = ("service-uvloop", "service-granian", "asgi-granian")
+EXTRA_DESIGNS = ("service-uvloop", "service-granian", "asgi-granian", "proto")
 DESIGNS = MAIN_DESIGNS + EXTRA_DESIGNS
 SERVICES = ("service", "service-uvloop", "service-granian")  # designs that are the service (they have /metrics)
 
@@ -369,7 +370,7 @@ class Bench:
 
     @staticmethod
     def design_server(design: str) -> str:
-        return "granian" if design.endswith("granian") else "uvicorn"
+        return "granian" if design.endswith("granian") else "httptools" if design == "proto" else "uvicorn"
 
     def point(
         self, design: str, w: Workload, c: int, note: str = "", beside: Callable[[], WrkRun] | None = None

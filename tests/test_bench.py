@@ -57,6 +57,7 @@ DESIGNS = (
     "service-uvloop",
     "service-granian",
     "asgi-granian",
+    "proto",
 )
 
 
@@ -89,7 +90,8 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path) -> None:
     for p in points:
         assert p.keys() >= POINT_KEYS
         assert p["loop"] == ("uvloop" if p["design"] == "service-uvloop" else loop), p
-        assert p["server"] == ("granian" if p["design"].endswith("granian") else "uvicorn"), p
+        server = "granian" if p["design"].endswith("granian") else "httptools" if p["design"] == "proto" else "uvicorn"
+        assert p["server"] == server, p
         assert p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"], p
     over = [p for p in points if "413 expected" in p["note"]]
     assert len(over) == 1
