@@ -7,6 +7,7 @@ No timing is asserted here: speed is what ``mnist-bench`` prints."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -199,6 +200,50 @@ def test_baselines_with_the_service_decoder_refuse_what_the_service_refuses(tmp_
             assert a[0] == b[0] == 200
             assert a[1]["label"] == b[1]["label"]
             assert np.allclose(a[1]["probabilities"], b[1]["probabilities"], atol=1e-6)  # type: ignore[arg-type]
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _exchange(sock: socket.socket, request: bytes) -> bytes:
+    """Send one request and read one whole response (its headers, then content-length bytes)."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+@pytest.mark.slow
+def test_proto_design_answers_like_the_asgi_one_over_kept_alive_connections(tmp_path: Path) -> None:
+    """``proto`` (no ASGI server) gives the same canned answer and readiness as ``asgi``, several requests on one
+    connection (pipelined too), and closes when the client asks to."""
+    servers = [start(kind, ["-m", "bench.baselines", "--kind", kind], tmp_path, {}) for kind in ("proto", "asgi")]
+    try:
+        for s in servers:
+            s.wait_ready()
+        proto = servers[0]
+        body = json.dumps({"image": [0.5] * 784}).encode()
+        answers = [_post(s.url + "/v1/predict", body) for s in servers]
+        assert answers[0] == answers[1]
+        assert answers[0][0] == 200
+        assert answers[0][1]["label"] == 7
+        with socket.create_connection(("127.0.0.1", proto.port), timeout=5) as sock:
+            post = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            for _ in range(3):
+                assert _exchange(sock, post).startswith(b"HTTP/1.1 200 OK\r\n")
+            sock.sendall(post * 2)  # pipelined: two answers, in order
+            data = b""
+            while data.count(b"HTTP/1.1 200 OK") < 2:
+                data += sock.recv(65536)
+            ready = _exchange(sock, b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert ready.endswith(b'{"status":"ready"}')
+            assert b"connection: close" in ready.lower()
+            assert sock.recv(1) == b""  # closed by the server
     finally:
         for s in servers:
             s.stop()
