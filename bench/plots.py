@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench.report import Point
+from bench.report import Point, points_of
 
 _DESIGNS = ("service", "lean", "careful", "classic", "ceiling", "asgi")
 _EXTRA = ("service-uvloop", "service-granian", "asgi-granian", "proto")
@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args[0])
     out = Path(args[1]) if len(args) > 1 else results.parent
     r = json.loads(results.read_text())
-    fields = set(Point.__dataclass_fields__)
-    points = [Point(**{k: v for k, v in p.items() if k in fields}) for p in r["points"]]
+    points = points_of(r)
     best = r.get("engine", {}).get("best", {}).get("images_per_s")
     write_all(points, best, out, title_of(r))
     return 0

@@ -233,10 +233,16 @@ def _targets_md(targets: list[dict[str, Any]], head: str, words: tuple[str, str]
     return rows
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """The tables of docs/performance.md, from one run's results.json (``python -m bench.report FILE``)."""
+def points_of(result: dict[str, Any]) -> list[Point]:
+    """The points of a results.json (fields a later version added are left out)."""
     fields = set(Point.__dataclass_fields__)
-    points = [Point(**{k: v for k, v in p.items() if k in fields}) for p in result["points"]]
+    return [Point(**{k: v for k, v in p.items() if k in fields}) for p in result["points"]]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of docs/performance.md, from one run's results.json (``python -m bench.report FILE``; with
+    several files, the table of those runs side by side instead)."""
+    points = points_of(result)
     out: list[str] = []
     mach = result["machine"]
     out.append(
@@ -331,9 +337,48 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+#: Column heads of the runs table, by target name (the goal in brackets); the errors target is left out.
+_RUN_COLUMNS = {
+    "req/s vs classic": "vs classic (5x)",
+    "req/s vs FastAPI canned route": "vs canned (1.2x)",
+    "req/s vs bare ASGI canned answer": "vs asgi (0.4x)",
+    "p99 latency": "p99 ms (20)",
+    "p50 vs classic p50": "c=1 p50 ratio (0.6x)",
+    "share of the best engine point": "bulk share (0.8x)",
+    "beside bulk: p99": "beside bulk p99 ms (5)",
+    "server CPU per request vs FastAPI canned route": "CPU/req ratio (1x)",
+    "peak RSS, every service load": "peak RSS MB (150)",
+}
+
+
+def runs_table(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """One row per run of ``mnist-bench`` (file name, results), in the order given: when it started, its code, the
+    bare ASGI answer's and the service's req/s at its high concurrency, and each target's measured value."""
+    heads = list(_RUN_COLUMNS.values())
+    out = [_md_row(["run (UTC)", "file", "code", "`asgi` req/s", "service req/s", *heads]),
+           _md_row(["---", "---", "---", *["---:"] * (2 + len(heads))])]  # fmt: skip
+    for name, result in runs:
+        high = result.get("options", {}).get("high", 64)
+        measured = {}
+        for t in result.get("targets", []):
+            key = next((k for k in _RUN_COLUMNS if t["name"].endswith(k)), None)
+            if key is not None:
+                measured[_RUN_COLUMNS[key]] = f"{t['measured']:.3g}"
+        rps = {p["design"]: p["rps"] for p in result.get("points", [])
+               if (p["workload"], p["concurrency"], p.get("note", "")) == ("json", high, "")}  # fmt: skip
+        git = result.get("git") or {}
+        out.append(_md_row([result.get("started_utc", "?")[:16].replace("T", " "), f"`{name}`",
+                            f"`{str(git.get('commit', '?'))[:7]}`", *[_n(rps.get(d)) for d in ("asgi", "service")],
+                            *[measured.get(h, "-") for h in heads]]))  # fmt: skip
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     import json
     import sys
     from pathlib import Path
 
-    print(markdown(json.loads(Path(sys.argv[1]).read_text())))
+    if len(sys.argv) == 2:
+        print(markdown(json.loads(Path(sys.argv[1]).read_text())))
+    else:  # several runs: the table that sets them side by side
+        print(runs_table([(Path(a).name, json.loads(Path(a).read_text())) for a in sys.argv[1:]]))

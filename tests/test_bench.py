@@ -20,7 +20,7 @@ import onnxruntime as ort
 import psutil
 import pytest
 
-from bench import engine
+from bench import engine, report
 from bench.servers import ServerProc, start
 from service.model import _session_options
 from service.settings import settings_from_args
@@ -247,6 +247,27 @@ def test_proto_design_answers_like_the_asgi_one_over_kept_alive_connections(tmp_
     finally:
         for s in servers:
             s.stop()
+
+
+def test_runs_table_sets_runs_side_by_side() -> None:
+    """``python -m bench.report A B``: one row per run, each target's measured value in its column, '-' where a
+    run lacks a point or a target."""
+
+    def run(started: str, commit: str, asgi_rps: float | None, vs_classic: float) -> dict[str, object]:
+        point = {"workload": "json", "concurrency": 64}
+        points = [{**point, "design": "service", "rps": 9001.0}]
+        if asgi_rps is not None:
+            points.append({**point, "design": "asgi", "rps": asgi_rps})
+        return {"started_utc": started, "git": {"commit": commit + "0" * 33}, "options": {"high": 64},
+                "points": points, "targets": [{"name": "json c=64: req/s vs classic", "measured": vs_classic}]}  # fmt: skip
+
+    table = report.runs_table([("a.json", run("2026-12-01T21:20:00Z", "aaf01f7", 32448.0, 2.3833)),
+                               ("b.json", run("2026-12-03T10:17:18Z", "ce0ed75", None, 2.66))])  # fmt: skip
+    head, rule, first, second = table.splitlines()
+    assert head.startswith("| run (UTC) | file | code | `asgi` req/s | service req/s | vs classic (5x) |")
+    assert rule.count("|") == head.count("|")
+    assert first.startswith("| 2026-12-01 21:20 | `a.json` | `aaf01f7` | 32448 | 9001 | 2.38 | - |")
+    assert second.startswith("| 2026-12-03 10:17 | `b.json` | `ce0ed75` | - | 9001 | 2.66 | - |")
 
 
 def test_engine_sweep_uses_the_service_session_options() -> None:
