@@ -40,7 +40,7 @@ class Point:
     inline_max_ms: float | None = None  # the longest of them since the service started: the loop's worst stall
     loop_thread_cpu_util: float = 0.0  # the event loop thread's CPU in cores (1.0: that thread is saturated)
     loop: str = ""  # the event loop the server ran
-    server: str = ""  # uvicorn or granian
+    server: str = ""  # uvicorn, granian, or httptools (proto: no ASGI server)
 
     @property
     def req_per_cpu_s(self) -> float:
