@@ -71,8 +71,11 @@ class PredictOut(BaseModel):
     probabilities: list[float]
 
 
+READY = b'{"status":"ready"}'  # every design's /readyz
+
+
 def _ready() -> Response:
-    return Response(b'{"status":"ready"}', media_type=_JSON)
+    return Response(READY, media_type=_JSON)
 
 
 def classic_app(model_file: Path, settings: Settings | None = None) -> FastAPI:
@@ -154,7 +157,7 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     while more:
         message = await receive()
         more = message.get("more_body", False)
-    body = b'{"status":"ready"}' if scope["path"] == "/readyz" else CANNED
+    body = READY if scope["path"] == "/readyz" else CANNED
     await send(
         {
             "type": "http.response.start",
@@ -250,7 +253,7 @@ class CannedProtocol(asyncio.Protocol):
         self.path = url
 
     def on_message_complete(self) -> None:
-        body = b'{"status":"ready"}' if self.path == b"/readyz" else CANNED
+        body = READY if self.path == b"/readyz" else CANNED
         keep = self.parser.should_keep_alive()
         self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
                              % (len(body), b"" if keep else b"connection: close\r\n", body))  # fmt: skip

@@ -183,6 +183,25 @@ def offline_probabilities(images: np.ndarray, file: str = "model.onnx") -> np.nd
     return np.asarray(sess.run(None, {meta["input"]["name"]: x})[0])
 
 
+def complete(data: bytes, responses: int) -> bool:
+    """Whether ``data`` holds ``responses`` final responses with their whole Content-Length bodies."""
+    rest, n = data, 0
+    while n < responses:
+        head_end = rest.find(b"\r\n\r\n")
+        if head_end < 0:
+            return False
+        head = rest[:head_end].decode("latin-1").lower()
+        if head.startswith("http/1.1 100"):
+            rest = rest[head_end + 4 :]
+            continue
+        length = int(head.split("content-length:")[1].split("\r\n")[0]) if "content-length:" in head else 0
+        body_end = head_end + 4 + length
+        if len(rest) < body_end:
+            return False
+        rest, n = rest[body_end:], n + 1
+    return True
+
+
 def read_until_closed(sock: socket.socket, timeout_s: float, what: str = "the connection") -> bytes:
     """Everything the server sends until it closes ``sock``; fails if it keeps it open past ``timeout_s``."""
     sock.settimeout(timeout_s)

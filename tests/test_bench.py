@@ -24,7 +24,7 @@ from bench import engine, report
 from bench.servers import ServerProc, start
 from service.model import _session_options
 from service.settings import settings_from_args
-from tests.helpers import ROOT, write_model
+from tests.helpers import ROOT, complete, write_model
 
 POINT_KEYS = {
     "design",
@@ -205,17 +205,15 @@ def test_baselines_with_the_service_decoder_refuse_what_the_service_refuses(tmp_
             s.stop()
 
 
-def _exchange(sock: socket.socket, request: bytes) -> bytes:
-    """Send one request and read one whole response (its headers, then content-length bytes)."""
+def _exchange(sock: socket.socket, request: bytes, responses: int = 1) -> bytes:
+    """Send ``request`` and read ``responses`` whole responses."""
     sock.sendall(request)
     data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head + b"\r\n\r\n" + body
+    while not complete(data, responses):
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection before {responses} whole answer(s): {data[:80]!r}"
+        data += chunk
+    return data
 
 
 @pytest.mark.slow
@@ -237,11 +235,7 @@ def test_proto_design_answers_like_the_asgi_one_over_kept_alive_connections(tmp_
             answer = _exchange(sock, post)
             assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
             assert _exchange(sock, post) == _exchange(sock, post) == answer
-            sock.sendall(post * 2)  # pipelined: two whole answers, in order
-            data = b""
-            while len(data) < 2 * len(answer):
-                data += sock.recv(65536)
-            assert data == answer * 2
+            assert _exchange(sock, post * 2, responses=2) == answer * 2  # pipelined: two whole answers, in order
             ready = _exchange(sock, b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert ready.endswith(b'{"status":"ready"}')
             assert b"connection: close" in ready.lower()

@@ -16,7 +16,7 @@ import pytest
 from uvicorn.protocols.http.flow_control import FlowControl
 
 from service.wire import OneWrite, ResponseCycle, framing, unread_bytes, v2_path
-from tests.helpers import Server, running_server
+from tests.helpers import Server, complete, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,25 +245,6 @@ def exchange(
                 break
             got += chunk
         return got
-
-
-def complete(data: bytes, responses: int) -> bool:
-    """Whether ``data`` holds ``responses`` final responses with their whole Content-Length bodies."""
-    rest, n = data, 0
-    while n < responses:
-        head_end = rest.find(b"\r\n\r\n")
-        if head_end < 0:
-            return False
-        head = rest[:head_end].decode("latin-1").lower()
-        if head.startswith("http/1.1 100"):
-            rest = rest[head_end + 4 :]
-            continue
-        length = int(head.split("content-length:")[1].split("\r\n")[0]) if "content-length:" in head else 0
-        body_end = head_end + 4 + length
-        if len(rest) < body_end:
-            return False
-        rest, n = rest[body_end:], n + 1
-    return True
 
 
 def test_a_response_head_with_no_body_after_it_is_sent(server: Server) -> None:
