@@ -290,6 +290,7 @@ def serve(app: Any, host: str, port: int, loop: str = "asyncio") -> None:
         timeout_keep_alive=5,
         server_header=False,
         proxy_headers=False,
+        ws="none",
     )
     uvicorn.Server(config).run()
 

@@ -29,7 +29,6 @@ import simdjson
 
 from service.envelope import multipart_file
 from service.errors import InvalidInput, MalformedBody, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from service.png import png_pixels
 
 JSON = "application/json"
 PNG = "image/png"
@@ -41,8 +40,7 @@ MULTIPART = "multipart/form-data"
 REUSED_PARSER_BYTES = 64 * 1024
 _threads = threading.local()
 _MIN, _MAX = np.minimum.reduce, np.maximum.reduce
-#: numpy parses a .npy header with ``ast``, whose state CPython shares between threads: two at once failed a valid
-#: header under load ("AST constructor recursion depth mismatch"). One at a time.
+#: numpy parses .npy headers with ``ast``, which two threads at once broke under load ("AST constructor recursion").
 _NPY_HEADER = threading.Lock()
 
 
@@ -228,6 +226,8 @@ def json_many(body: bytes, _ct: str, shape: Shape) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- binary
 def png_one(body: bytes, _ct: str, shape: Shape) -> np.ndarray:
+    from service.png import png_pixels  # Pillow (2-3 MB resident) is loaded by the first PNG, not at start
+
     return png_pixels(body, (shape.rows, shape.cols), shape.max_png_pixels).reshape(1, shape.features)
 
 

@@ -120,6 +120,7 @@ def build_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
         timeout_graceful_shutdown=max(int(settings.drain_timeout_s), 1),
         server_header=False,
         proxy_headers=False,  # no X-Forwarded-* rewriting on the hot path; the access log shows the peer
+        ws="none",  # no WebSocket routes: an upgrade request is an ordinary HTTP request, whatever is installed
     )
 
 

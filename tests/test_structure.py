@@ -122,6 +122,20 @@ def test_serving_never_imports_tensorflow_or_mlflow() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_pillow_is_loaded_by_the_first_png_not_at_start() -> None:
+    """Pillow is 2-3 MB of resident memory that a service never sent a PNG does not need."""
+    code = (
+        "import sys, service.server, service.app, service.decode as d\n"
+        "print('PIL' in sys.modules)\n"
+        "from tests.test_png import png\n"
+        "import numpy as np\n"
+        "d.png_one(png(np.zeros((28, 28), np.uint8)), 'image/png', d.Shape(784, 28, 28, 1, 784))\n"
+        "print('PIL' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["False", "True"], result.stdout + result.stderr
+
+
 def test_the_readme_names_only_real_settings() -> None:
     from service.settings import Settings
 

@@ -303,3 +303,13 @@ def test_a_response_over_64_kib_arrives_whole(server: Server) -> None:
     payload = json.loads(got.split(b"\r\n\r\n", 1)[1])
     assert payload["count"] == 4096
     assert len(payload["labels"]) == 4096
+
+
+def test_a_websocket_upgrade_is_answered_as_plain_http(server: Server) -> None:
+    """No route speaks WebSocket: an upgrade request is served as the HTTP request it also is (never a 101),
+    whatever WebSocket library happens to be installed."""
+    head = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
+    got = exchange(server.port, head, 1)
+    assert got.startswith(b"HTTP/1.1 200"), got[:300]
+    assert b'"status"' in got, got[:300]
