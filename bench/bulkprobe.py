@@ -32,7 +32,7 @@ import psutil
 from bench import engine, profile
 from bench.loadgen import WrkRun, run_wrk
 from bench.models import DEFAULT_REPOSITORY, find_model, real_digits
-from bench.servers import ServerProc, scrape, start
+from bench.servers import ServerProcess, scrape, start
 from bench.workloads import bulk_raw, single_json
 
 
@@ -89,7 +89,7 @@ def _states(pid: int, seconds: float) -> str:
     return " ".join(f"{k} {v / n:.2f}" for k, v in sorted(counts.items()))
 
 
-def _bulk(server: ServerProc, w: object, prefix: str, seconds: float, connections: int = 2) -> str:
+def _bulk(server: ServerProcess, w: object, prefix: str, seconds: float, connections: int = 2) -> str:
     f0, s0 = _faults(server.pid), _stat()
     before, t0 = _thread_cpu(server.pid), time.monotonic()
     m0 = scrape(server.url)
@@ -138,7 +138,7 @@ def main() -> None:
         configs[name] = dict(kv.split("=", 1) for kv in env.split(",") if kv)
     bw, jw = bulk_raw(digits, args.images), single_json(digits)
     with tempfile.TemporaryDirectory(prefix="bulkprobe-") as tmp:
-        servers: dict[str, ServerProc] = {}
+        servers: dict[str, ServerProcess] = {}
         try:
             for name, env in configs.items():
                 flags = ["--model-repository", str(model.repository), "--no-access-log"]

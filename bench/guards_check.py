@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.models import DEFAULT_REPOSITORY, find_model
-from bench.servers import ServerProc, start
+from bench.servers import ServerProcess, start
 
 TIMEOUT_S = 2.0
 SLACK_S = 2.0
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "MNIST_ACCESS_LOG": "false",
         "MNIST_EVENT_LOOP": args.loop,
     }
-    servers: dict[str, ServerProc] = {
+    servers: dict[str, ServerProcess] = {
         "uvicorn": start("guards-uvicorn", ["-m", "service.server"], args.out / "logs", env),
         "granian": start("guards-granian", ["-m", "bench.granian_serve", "--app", "service"], args.out / "logs", env),
     }

@@ -8,12 +8,13 @@ softmax, random weights) so the timing is representative; the stand-in needs the
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from export import metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = ROOT / "models"
@@ -100,32 +101,11 @@ def write_standin(repository: Path, name: str = "mnist-mlp-standin", version: st
     """Write a stand-in model folder that the service accepts (metadata per docs/design.md)."""
     import onnxruntime as ort
 
-    folder = repository / name / version
-    folder.mkdir(parents=True, exist_ok=True)
     blob = mlp_onnx()
-    (folder / "model.onnx").write_bytes(blob)
     golden = real_digits(32, None)
     sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     labels = sess.run(None, {"pixels": golden.astype(np.float32) * np.float32(1 / 255)})[0].argmax(axis=1).tolist()
-    meta = {
-        "name": name,
-        "version": version,
-        "standin": True,
-        "file": "model.onnx",
-        "sha256": hashlib.sha256(blob).hexdigest(),
-        "opset": 17,
-        "input": {"name": "pixels", "shape": [None, 784], "dtype": "float32", "image_shape": [28, 28]},
-        "output": {"name": "probabilities", "shape": [None, 10], "dtype": "float32"},
-        "preprocessing": {"scale": 1 / 255, "input_range": [0.0, 1.0], "description": "uint8 / 255"},
-        "class_labels": [str(i) for i in range(10)],
-        "reference": {
-            "mean_intensity_edges": np.linspace(0.0, 1.0, 21).tolist(),
-            "mean_intensity_fractions": [0.05, 0.3, 0.4, 0.2, 0.05] + [0.0] * 15,
-            "class_fractions": [0.1] * 10,
-        },
-        "golden": {"images_b64": base64.b64encode(golden.tobytes()).decode(), "count": 32, "labels": labels},
-    }
-    (folder / "metadata.json").write_text(json.dumps(meta, indent=1))
+    metadata.write_standin(repository / name / version, blob, golden, labels, standin=True)
     return find_model(repository)
 
 

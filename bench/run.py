@@ -39,7 +39,7 @@ from bench import engine, grpc_load, plots, profile
 from bench.loadgen import Workload, WrkResult, WrkRun, run_wrk, wrk_binary
 from bench.models import DEFAULT_REPOSITORY, ROOT, ModelUnderTest, find_model, real_digits, write_standin
 from bench.report import Point, best_of_repeats, find, reference_targets, table, targets, targets_table
-from bench.servers import ProcSampler, ServerProc, free_port, mean_batch, scrape, start
+from bench.servers import ProcSampler, ServerProcess, free_port, mean_batch, scrape, start
 from bench.workloads import bulk_json, bulk_raw, single_json, single_png
 from service.settings import Settings, settings_from_args
 
@@ -246,7 +246,7 @@ class Bench:
         self.out = out
         self.body_dir = body_dir
         self.points: list[Point] = []
-        self.servers: dict[str, ServerProc] = {}
+        self.servers: dict[str, ServerProcess] = {}
         self._prefixes: dict[str, str] = {}
         self.loop: str = ""
         self.loop = getattr(args, "loop", None) or service_settings(self.service_env()).event_loop

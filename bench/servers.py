@@ -1,15 +1,11 @@
-"""The processes under test: the service and the baselines, each a subprocess on 127.0.0.1, and what is
-read from them during a point (CPU seconds and resident memory through psutil, batch sizes from /metrics)."""
+"""The processes under test: the service and the baselines, each a subprocess on 127.0.0.1 started by the one
+launcher (reliability/serverproc.py), and what is read from them during a point (CPU seconds and resident
+memory through psutil, batch sizes from /metrics)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -19,13 +15,9 @@ from pathlib import Path
 
 import psutil
 
-from bench.models import ROOT
+from reliability.serverproc import ServerProcess, free_port, spawn
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["ProcSampler", "ServerProcess", "free_port", "mean_batch", "scrape", "start"]
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -36,63 +28,10 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return int(exc.code), exc.read()
 
 
-@dataclass
-class ServerProc:
-    """One server subprocess; ``stop()`` sends SIGTERM and waits (kill after ``timeout``)."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if http_get(self.url + "/readyz", timeout=1)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"{self.name} not ready in {timeout:g} s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-
-def start(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> ServerProc:
-    """Start ``python <args> --port P`` from the repository root (not yet waited for)."""
-    port = free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    cmd = [sys.executable, *args, "--port", str(port)]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
-    return ServerProc(name, proc, port, log_path)
+def start(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> ServerProcess:
+    """``python <args> --port P`` from the repository root, its log ``<log_dir>/<name>.log`` (not yet waited
+    for): reliability/serverproc.py's launcher, the one every server of the tests and scripts comes from."""
+    return spawn(args, log_dir / f"{name}.log", env=env, name=name)
 
 
 @dataclass

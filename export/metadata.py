@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from training.data import IMAGE_SHAPE, N_CLASSES, PIXEL_SCALE
 
@@ -85,6 +89,39 @@ def build(
     if quantized is not None:
         meta["quantized"] = quantized
     return meta
+
+
+#: A reference for models made outside the pipeline: intensities mostly low, classes even.
+FLAT_REFERENCE: dict[str, Any] = {
+    "mean_intensity_edges": np.linspace(0.0, 1.0, 21).tolist(),
+    "mean_intensity_fractions": [0.05, 0.3, 0.4, 0.2, 0.05] + [0.0] * 15,
+    "class_fractions": [0.1] * 10,
+}
+
+
+def write_standin(folder: Path, blob: bytes, golden: np.ndarray, labels: list[int], **extra: Any) -> Path:
+    """``folder/{model.onnx, metadata.json}`` for a model made outside the pipeline (the tests' and the benchmark's
+    stand-ins): the keys the service relies on, ``FLAT_REFERENCE``, ``golden`` ((N, 784) uint8 digits) with
+    their expected ``labels``; ``extra`` keys (``name`` and ``version`` first) are added or replace these."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MODEL_FILE).write_bytes(blob)
+    meta: dict[str, Any] = {
+        "name": folder.parent.name,
+        "version": folder.name,
+        "created_at": utc_now(),
+        "file": MODEL_FILE,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "opset": 17,
+        "input": OnnxIO("pixels", [None, 784]).as_metadata(image_shape=list(IMAGE_SHAPE)),
+        "output": OnnxIO("probabilities", [None, N_CLASSES]).as_metadata(),
+        "preprocessing": PREPROCESSING,
+        "class_labels": [str(i) for i in range(N_CLASSES)],
+        "test_accuracy": None,
+        "reference": FLAT_REFERENCE,
+        "golden": {"images_b64": base64.b64encode(golden.tobytes()).decode(), "count": len(golden), "labels": labels},
+        **extra,
+    }
+    return write(meta, folder)
 
 
 def write(meta: dict[str, Any], folder: Path) -> Path:

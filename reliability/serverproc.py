@@ -1,6 +1,7 @@
-"""The one launcher of the service as a child process on 127.0.0.1: start it with its real CLI, wait for
-/readyz, watch its memory, stop it with SIGTERM. The tests, the reliability scripts and the benchmark all
-start their servers through :func:`start`.
+"""The one launcher of servers as child processes on 127.0.0.1: start one with its real CLI on a free port,
+wait for /readyz, watch its memory, stop it with SIGTERM. The tests, the reliability scripts and the benchmark
+all start their servers here: the service through :func:`start`, anything else that takes ``--port`` (the
+benchmark's comparison designs, the service under granian) through :func:`spawn`.
 
 ``launcher`` is what follows ``python``: ``-m service.server`` by default; a wrapper module that ends with
 ``--`` (e.g. ``-m tests.standin --delay-s 0.05 --`` for an engine with a controlled cost) takes the same
@@ -43,10 +44,19 @@ class ServerProcess:
     port: int
     log_path: Path
     exit_code: int | None = field(default=None)
+    name: str = "service"
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout_s: float = 90) -> None:
+        """:func:`wait_ready` (a longer default: the benchmark warms many servers up at once)."""
+        wait_ready(self, timeout_s)
 
     def logs(self) -> str:
         """Everything the process wrote to stdout and stderr so far."""
@@ -83,13 +93,21 @@ def launch(
     env: dict[str, str] | None = None,
     launcher: Sequence[str] = SERVER_MODULE,
 ) -> ServerProcess:
-    """Start the process on a free port (stdout and stderr to ``log_path``) without waiting for it."""
+    """Start the service on a free port (stdout and stderr to ``log_path``) without waiting for it."""
+    return spawn([*launcher, "--model-repository", str(repo), *args], log_path, env=env)
+
+
+def spawn(argv: Sequence[str], log_path: Path, *, env: dict[str, str] | None = None,
+          name: str = "service") -> ServerProcess:  # fmt: skip
+    """``python <argv> --port P`` from the repository root on a free port P, stdout and stderr to ``log_path``;
+    not waited for."""
     port = free_port()
-    cmd = [sys.executable, *launcher, "--port", str(port), "--model-repository", str(repo), *args]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("wb") as log:
+        cmd = [sys.executable, *argv, "--port", str(port)]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
-    return ServerProcess(proc, port, log_path)
+    return ServerProcess(proc, port, log_path, name=name)
 
 
 def wait_ready(server: ServerProcess, timeout_s: float = 60) -> None:
@@ -97,7 +115,7 @@ def wait_ready(server: ServerProcess, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.proc.returncode}; log {server.log_path}:\n"
+            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}; log {server.log_path}:\n"
                                f"{server.logs()[-5000:]}")  # fmt: skip
         try:
             with urllib.request.urlopen(f"{server.url}/readyz", timeout=1) as resp:
@@ -107,7 +125,7 @@ def wait_ready(server: ServerProcess, timeout_s: float = 60) -> None:
             pass
         time.sleep(0.1)
     server.stop()
-    raise RuntimeError(f"the server was not ready within {timeout_s:g} s; log {server.log_path}:\n"
+    raise RuntimeError(f"{server.name} was not ready within {timeout_s:g} s; log {server.log_path}:\n"
                        f"{server.logs()[-5000:]}")  # fmt: skip
 
 

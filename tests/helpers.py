@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import socket
 import time
@@ -15,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from export import metadata
 from reliability import serverproc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,9 +64,7 @@ def write_model(
 ) -> Path:
     """Write ``repo/name/version/{model.onnx,metadata.json}`` following docs/design.md."""
     folder = repo / name / version
-    folder.mkdir(parents=True, exist_ok=True)
     blob = blob if blob is not None else tiny_onnx(seed)
-    (folder / "model.onnx").write_bytes(blob)
     rng = np.random.default_rng(seed + 100)
     golden = rng.integers(0, 256, (golden_count, 784), dtype=np.uint8)
     try:
@@ -76,31 +73,7 @@ def write_model(
         labels = [0] * golden_count
     if corrupt_golden:
         labels = [(v + 1) % 10 for v in labels]
-    edges = np.linspace(0.0, 1.0, 21)
-    meta = {
-        "name": name,
-        "version": version,
-        "created_at": "2026-01-01T00:00:00Z",
-        "file": "model.onnx",
-        "sha256": hashlib.sha256(blob).hexdigest(),
-        "opset": 17,
-        "input": {"name": "pixels", "shape": [None, 784], "dtype": "float32", "image_shape": [28, 28]},
-        "output": {"name": "probabilities", "shape": [None, 10], "dtype": "float32"},
-        "preprocessing": {"scale": 1 / 255, "input_range": [0.0, 1.0], "description": "uint8 / 255"},
-        "class_labels": [str(i) for i in range(10)],
-        "test_accuracy": None,
-        "reference": {
-            "mean_intensity_edges": edges.tolist(),
-            "mean_intensity_fractions": ([0.05, 0.3, 0.4, 0.2, 0.05] + [0.0] * 15),
-            "class_fractions": [0.1] * 10,
-        },
-        "golden": {
-            "images_b64": base64.b64encode(golden.tobytes()).decode(),
-            "count": golden_count,
-            "labels": labels,
-        },
-    }
-    (folder / "metadata.json").write_text(json.dumps(meta, indent=1))
+    metadata.write_standin(folder, blob, golden, labels, created_at="2026-01-01T00:00:00Z")
     return folder
 
 

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from bench import engine, report
-from bench.servers import ServerProc, start
+from bench.servers import ServerProcess, start
 from service.model import _session_options
 from service.settings import settings_from_args
 from tests.helpers import ROOT, complete, write_model
@@ -176,7 +176,7 @@ def test_baselines_with_the_service_decoder_refuse_what_the_service_refuses(tmp_
     repo = tmp_path / "repo"
     folder = write_model(repo, "tiny", "1")
     env = {"MNIST_MODEL_REPOSITORY": str(repo), "MNIST_MODEL_VERSION": "1"}
-    servers: list[ServerProc] = [
+    servers: list[ServerProcess] = [
         start("service", ["-m", "service.server", "--no-access-log"], tmp_path, env),
         start(kind, ["-m", "bench.baselines", "--kind", kind, "--model", str(folder)], tmp_path, env),
     ]
