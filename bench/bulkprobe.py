@@ -4,8 +4,9 @@ For each configuration (``--config NAME=K=V,K=V``: extra ``MNIST_*`` environment
 started (all at once; idle ones cost nothing), then, round by round and interleaved:
 
 - ``bulk``: raw uint8, ``--images`` per request, ``--connections`` (2): images/s, p99, the server's CPU by
-  thread (event loop, engine threads, others) in cores, its minor page faults per request, and the machine's
-  CPU by kind (idle, user, nice: the bulk threads run niced); with ``BULKPROBE_STATES=1`` also how often the
+  thread (event loop, engine threads, others) in cores, its minor page faults per request, the machine's
+  CPU by kind (idle, user, nice: the bulk threads run niced), and the server's resident memory after the point
+  (its peak so far, and anonymous against file-backed; also printed at ready); with ``BULKPROBE_STATES=1`` also how often the
   bulk threads were runnable and how often two runnable threads were stacked on one CPU;
 - ``mixed``: single-image JSON at 1 connection beside that bulk load: its p50/p99 and the bulk images/s;
 - the engine ceiling (in-process ONNX Runtime, the service's session options, 1 and 2 callers, batch 256 and
@@ -66,6 +67,14 @@ def _faults(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
 
 
+def _memory(pid: int) -> str:
+    """Resident memory now, its peak so far (``VmHWM``), and now by kind: anonymous (heaps, arenas, buffers) and
+    file-backed (the mapped libraries' pages, whose resident share depends on the page cache), in MB."""
+    f = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+         if line.startswith(("VmRSS", "VmHWM", "RssAnon", "RssFile"))}  # fmt: skip
+    return f"rss {f['VmRSS']:.0f} peak {f['VmHWM']:.0f} MB (anon {f['RssAnon']:.0f}, file {f['RssFile']:.0f})"
+
+
 def _states(pid: int, seconds: float) -> str:
     """Sample (every ~1 ms) which of the service's threads are runnable: the share of samples where 0, 1 or 2
     bulk threads were runnable ('R'), and where the runnable threads sat on fewer CPUs than there are."""
@@ -110,7 +119,7 @@ def _bulk(server: ServerProcess, w: object, prefix: str, seconds: float, connect
             f"err {r.errors} batch {images / calls if calls else 0:.0f} cpu {sum(cpu.values()):.2f} [{threads}] "
             f"wrk {r.wrk_cpu_util:.2f} faults/req {faults / max(r.requests, 1):.0f} "
             f"machine idle {machine['idle']:.2f} softirq {machine['softirq']:.2f} sys {machine['system']:.2f} "
-            f"user {machine['user']:.2f} nice {machine['nice']:.2f} {states}")  # fmt: skip
+            f"user {machine['user']:.2f} nice {machine['nice']:.2f} {_memory(server.pid)} {states}")  # fmt: skip
 
 
 def _spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
@@ -143,8 +152,9 @@ def main() -> None:
             for name, env in configs.items():
                 flags = ["--model-repository", str(model.repository), "--no-access-log"]
                 servers[name] = start(name, ["-m", "service.server", *flags], Path(tmp) / "logs", env)
-            for s in servers.values():
+            for name, s in servers.items():
                 s.wait_ready()
+                print(f"  {name:<14} ready  {_memory(s.pid)}", flush=True)
             bp, jp = bw.write(Path(tmp)), jw.write(Path(tmp))
             for s in servers.values():
                 run_wrk(s.url, bw, bp, 2, 1, 1)
