@@ -5,9 +5,10 @@ started (all at once; idle ones cost nothing), then, round by round and interlea
 
 - ``bulk``: raw uint8, ``--images`` per request, ``--connections`` (2): images/s, p99, the server's CPU by
   thread (event loop, engine threads, others) in cores, its minor page faults per request, the machine's
-  CPU by kind (idle, user, nice: the bulk threads run niced), and the server's resident memory after the point
-  (its peak so far, and anonymous against file-backed; also printed at ready); with ``BULKPROBE_STATES=1`` also how often the
-  bulk threads were runnable and how often two runnable threads were stacked on one CPU;
+  CPU by kind (idle, user, nice: the bulk threads run niced), and the server's resident memory after the
+  point (its peak so far, and anonymous against file-backed; also printed at ready); with
+  ``BULKPROBE_STATES=1`` also how often the bulk threads were runnable and how often two runnable threads were
+  stacked on one CPU;
 - ``mixed``: single-image JSON at 1 connection beside that bulk load: its p50/p99 and the bulk images/s;
 - the engine ceiling (in-process ONNX Runtime, the service's session options, 1 and 2 callers, batch 256 and
   512), so every ratio is read against the machine's limit in the same run.

@@ -102,7 +102,8 @@ FLAT_REFERENCE: dict[str, Any] = {
 def write_standin(folder: Path, blob: bytes, golden: np.ndarray, labels: list[int], **extra: Any) -> Path:
     """``folder/{model.onnx, metadata.json}`` for a model made outside the pipeline (the tests' and the benchmark's
     stand-ins): the keys the service relies on, ``FLAT_REFERENCE``, ``golden`` ((N, 784) uint8 digits) with
-    their expected ``labels``; ``extra`` keys (``name`` and ``version`` first) are added or replace these."""
+    their expected ``labels``; the name and version are the folder's. ``extra`` keys are added, or replace
+    these (a fixed ``created_at``, say)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MODEL_FILE).write_bytes(blob)
     meta: dict[str, Any] = {
