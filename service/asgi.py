@@ -20,7 +20,7 @@ from fastapi import APIRouter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ClientDisconnected, MalformedBody, PayloadTooLarge, ServiceError, error_json, oip_error_json
-from service.metrics import ROUTES
+from service.metrics import route_label
 
 if TYPE_CHECKING:
     from service.state import ServiceState
@@ -35,7 +35,6 @@ JSON = b"application/json"
 _ID_PREFIX = uuid.uuid4().hex[:16]  # request ids: a per-process prefix plus a counter (correlation only)
 _ID_COUNTER = itertools.count()
 _SAFE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
-_STATIC_ROUTES = frozenset(r for r in ROUTES if not r.startswith("/v2") and r not in ("/admin", "other"))
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -183,21 +182,6 @@ def documented(router: APIRouter, path: str, app: ASGIApp, doc: Callable[..., An
     """Mount ``app`` at ``path`` on ``router``, declared by ``doc`` (a signature for /docs, never called)."""
     router.add_api_route(path, doc, methods=methods, **openapi)
     router.routes[-1].app = app  # type: ignore[attr-defined]
-
-
-def route_label(path: str) -> str:
-    """The bounded ``route`` label of the HTTP metrics (no raw paths: they are unbounded)."""
-    if path in _STATIC_ROUTES:
-        return path
-    if path.startswith("/v2"):
-        if path.endswith("/infer"):
-            return "/v2/infer"
-        return "/v2/health" if "/health" in path or path.endswith("/ready") else "/v2/metadata"
-    if path.startswith("/admin"):
-        return "/admin"
-    if path.startswith(("/static", "/docs", "/openapi", "/redoc")):
-        return "/"
-    return "other"
 
 
 # ---------------------------------------------------------------------------------------------- the edge

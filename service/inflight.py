@@ -17,17 +17,10 @@ from collections.abc import Callable
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.metrics import is_inference
 from service.wire import MiB
 
 log = logging.getLogger("service.inflight")
-
-
-def is_inference(scope: Scope) -> bool:
-    return _inference(scope["method"], scope["path"])
-
-
-def _inference(method: str, path: str) -> bool:
-    return method == "POST" and (path.startswith("/v1/predict") or path.endswith("/infer"))
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -166,7 +159,7 @@ class InflightLimit:
         return headers, body
 
     def _refusal_for(self, method: str, path: str, cost: int) -> Refusal | None:
-        if _inference(method, path) and self.processing >= self.limit:
+        if is_inference(method, path) and self.processing >= self.limit:
             return self._refusal_requests
         if cost and self.body_bytes and self.body_bytes + cost > self.max_body_bytes_in_flight:
             return self._refusal_bytes
@@ -198,7 +191,7 @@ class InflightLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        inference = is_inference(scope)
+        inference = is_inference(scope["method"], scope["path"])
         cost: int | None = scope.pop(RESERVED, None)  # admitted (and reserved) by the connection guard
         if cost is None:
             cost = body_cost(scope, self.max_body_bytes)

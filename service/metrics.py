@@ -52,6 +52,30 @@ POST_ROUTES = frozenset({"/v1/predict", "/v1/predict/batch", "/v1/feedback", "/v
 #: Statuses the service answers, initialised per route so error ratios exist before the first error.
 POST_STATUSES = ("200", "400", "404", "413", "415", "422", "500", "503", "504")
 GET_STATUSES = ("200", "404", "503")
+#: Routes that run the model: the in-flight limit counts their requests (service/inflight.py).
+INFERENCE_ROUTES = frozenset({"/v1/predict", "/v1/predict/batch", "/v2/infer"})
+_STATIC_ROUTES = frozenset(r for r in ROUTES if not r.startswith("/v2") and r not in ("/admin", "other"))
+
+
+def route_label(path: str) -> str:
+    """The bounded ``route`` label of a request path (no raw paths in the metrics: they are unbounded), the one
+    place that maps paths to routes."""
+    if path in _STATIC_ROUTES:
+        return path
+    if path.startswith("/v2"):
+        if path.endswith("/infer"):
+            return "/v2/infer"
+        return "/v2/health" if "/health" in path or path.endswith("/ready") else "/v2/metadata"
+    if path.startswith("/admin"):
+        return "/admin"
+    if path.startswith(("/static", "/docs", "/openapi", "/redoc")):
+        return "/"
+    return "other"
+
+
+def is_inference(method: str, path: str) -> bool:
+    """Whether a request runs the model (a POST to an inference route)."""
+    return method == "POST" and route_label(path) in INFERENCE_ROUTES
 
 
 class NumpyHistogram:
@@ -149,7 +173,7 @@ class LoopStats(Collector):
 
     def route(self, route: str) -> RouteStats:
         stats = self.routes.get(route)
-        if stats is None:  # a label asgi.route_label adds later: no statuses known up front
+        if stats is None:  # a label route_label adds later: no statuses known up front
             stats = self.routes[route] = RouteStats("GET", ())
         return stats
 

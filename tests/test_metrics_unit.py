@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.errors import TooManyRequests
 from service.feedback import BYTES_PER_SLOT, Feedback, Remembered
-from service.metrics import DROP_REASONS, LATENCY_BUCKETS, ROUTES, Metrics, NumpyHistogram
+from service.metrics import DROP_REASONS, LATENCY_BUCKETS, ROUTES, Metrics, NumpyHistogram, is_inference, route_label
 from service.model import Model, load_model
 from service.quality import CONFIDENCE_BUCKETS, MAX_IMAGES_PER_REQUEST, MIN_DRIFT_SAMPLES, Quality, psi
 from service.repository import Reference
@@ -431,3 +431,29 @@ def test_quality_exposition_before_and_after_traffic(tiny_model: Model) -> None:
     assert [conf["0.4"], conf["0.5"], conf["0.95"], conf["+Inf"]] == [0, 1, 3, 3]
     assert len(conf) == len(CONFIDENCE_BUCKETS) + 1
     assert s["mnist_drift_window_images"][0][1] == 3
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "label", "inference"),
+    [
+        ("POST", "/v1/predict", "/v1/predict", True),
+        ("POST", "/v1/predict/batch", "/v1/predict/batch", True),
+        ("GET", "/v1/predict", "/v1/predict", False),  # a 405: no engine work
+        ("POST", "/v1/feedback", "/v1/feedback", False),
+        ("POST", "/v2/models/mnist-mlp/infer", "/v2/infer", True),
+        ("POST", "/v2/models/mnist-mlp/versions/1/infer", "/v2/infer", True),
+        ("GET", "/v2/health/ready", "/v2/health", False),
+        ("GET", "/v2/models/mnist-mlp/ready", "/v2/health", False),
+        ("GET", "/v2/models/mnist-mlp", "/v2/metadata", False),
+        ("POST", "/admin/models/reload", "/admin", False),
+        ("GET", "/docs", "/", False),
+        ("POST", "/v1/predictions", "other", False),  # a 404, not a prediction
+        ("POST", "/anything/infer", "other", False),
+    ],
+)
+def test_every_path_maps_to_one_bounded_route_and_only_inference_routes_count_as_inference(
+    method: str, path: str, label: str, inference: bool
+) -> None:
+    assert route_label(path) == label
+    assert label in ROUTES
+    assert is_inference(method, path) is inference
